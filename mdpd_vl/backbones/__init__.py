@@ -1,0 +1,1 @@
+"""See mdpd_vl/README.md for the contracts of this sub-package."""
