@@ -1,0 +1,491 @@
+"""`python -m mdpd_vl.bench`: the paper's Params / Memory / QPS columns as one command.
+
+Every method (and every mdpd `backbone_trainable` setting) runs in a fresh process on a synthetic
+classification task, so one row's allocator state can never leak into the next. This module plans
+the rows, launches the workers (`bench_worker.py`), and writes the JSON, the markdown table with the
+issue's four target checks, and the PNG charts.
+
+    python -m mdpd_vl.bench --backbone ViT-B-32 --batch-size 32 --json bench.json
+    python -m mdpd_vl.bench --quick                     # tiny ViT, all methods, < 2 min on 2 CPU cores
+    python -m mdpd_vl.bench --quick --scaling batch     # + memory against batch size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mdpd_vl import bench_worker
+from mdpd_vl.bench_worker import RESULT_KEYS, Launcher
+
+__all__ = ["METHODS", "MDPD_VARIANTS", "RESULT_KEYS", "check_targets", "main", "markdown", "plan_rows"]
+from mdpd_vl.errors import UserError, cli_entry
+
+METHODS = ("none", "linear", "full", "partial", "bitfit", "lora", "adapter", "unipt", "sherl", "lst", "mdpd")
+SIDE_KEPT = ("unipt", "sherl", "lst")
+# mdpd's training bill depends on what trains on the backbone; checkpointing is pointless for `head`
+# (nothing is backpropagated through the backbone), so it only pairs with the norm settings.
+MDPD_VARIANTS = ("head", "norms_last_k", "norms_last_k+ckpt", "norms_all", "norms_all+ckpt")
+REFERENCE_MDPD = "mdpd[head]"
+GIB = 1024**3
+
+
+# -- planning ----------------------------------------------------------------------------------
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def plan_rows(methods: list[str], variants: list[str], last_k: int | None = None) -> list[dict[str, Any]]:
+    """One row per method; mdpd expands into one row per `backbone_trainable` variant."""
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; valid: {', '.join(METHODS)}", field="--methods")
+    for v in variants:
+        if v not in MDPD_VARIANTS:
+            raise UserError(
+                f"unknown mdpd variant {v!r}; valid: {', '.join(MDPD_VARIANTS)}", field="--mdpd-variants"
+            )
+    rows: list[dict[str, Any]] = []
+    for m in dict.fromkeys(methods):  # keep order, drop repeats
+        if m != "mdpd":
+            rows.append({"name": m, "method": m, "backbone_trainable": None, "checkpointing": False})
+            continue
+        for v in dict.fromkeys(variants):
+            trainable, _, ckpt = v.partition("+")
+            row = {
+                "name": f"mdpd[{v}]",
+                "method": "mdpd",
+                "backbone_trainable": trainable,
+                "checkpointing": bool(ckpt),
+            }
+            if trainable == "norms_last_k" and last_k is not None:
+                row["last_k"] = last_k
+            rows.append(row)
+    return rows
+
+
+def make_job(row: dict[str, Any], args: argparse.Namespace, batch_size: int, infer: bool) -> dict[str, Any]:
+    """The JSON a worker receives: everything it needs to build, train and time one row."""
+    return {
+        **row,
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "seq_len": args.seq_len,
+        "batch_size": batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "infer_steps": args.infer_steps if infer else 0,
+        "num_classes": args.num_classes,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+
+
+# -- running -----------------------------------------------------------------------------------
+def _progress(i: int, n: int, row: dict[str, Any], seconds: float, label: str) -> None:
+    if row.get("error"):
+        msg = f"FAILED {row['error']}"
+    else:
+        parts = [
+            f"params {_fmt_params(row.get('trainable_params'))}M / {_fmt_params(row.get('inference_params'))}M"
+        ]
+        if row.get("train_step_s") is not None:
+            parts += [f"step {row['train_step_s']:.3f} s", f"state {_fmt_bytes(row['train_state_bytes'])}"]
+            parts.append(f"peak {_fmt_bytes(row['train_peak_bytes'])}")
+        if row.get("infer_qps") is not None:
+            parts.append(f"{row['infer_qps']:.1f} qps")
+        msg = ", ".join(parts)
+    print(f"[{i:>2}/{n}] {label}{row['name']:<22} {msg}  ({seconds:.1f} s)", file=sys.stderr, flush=True)
+
+
+def run_jobs(jobs: list[dict[str, Any]], launcher: Launcher, label: str = "") -> list[dict[str, Any]]:
+    """Run jobs one after the other (never in parallel: they would share cores and memory)."""
+    results = []
+    for i, job in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        row = launcher.run(job)
+        _progress(i, len(jobs), row, time.perf_counter() - t0, label)
+        results.append(row)
+    return results
+
+
+# -- analysis ----------------------------------------------------------------------------------
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of ys against xs (bytes per sample); None with fewer than 2 points."""
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
+
+
+def _check(target: str, num: float | None, den: float | None, op: str, bound: float) -> dict[str, Any]:
+    """Compare num/den with bound; a miss says by how much in percent of the bound."""
+    if num is None or den is None or den == 0:
+        return {"target": target, "ratio": None, "op": op, "bound": bound, "ok": None, "miss": "not measured"}
+    ratio = num / den
+    ok = ratio <= bound if op == "<=" else ratio >= bound if op == ">=" else ratio > bound
+    miss = None
+    if not ok:
+        over = ratio / bound - 1 if op == "<=" else 1 - ratio / bound
+        miss = f"misses by {abs(over) * 100:.1f}% ({ratio:.3f} vs {op} {bound:g})"
+    return {"target": target, "ratio": ratio, "op": op, "bound": bound, "ok": ok, "miss": miss}
+
+
+def check_targets(
+    results: list[dict[str, Any]], slopes: dict[str, dict[str, float | None]] | None
+) -> list[dict]:
+    """The issue's four targets, as ratios measured in this run (mdpd = the `head` variant)."""
+    by = {r["name"]: r for r in results if not r.get("error")}
+    ref = by.get(REFERENCE_MDPD) or next((r for n, r in by.items() if n.startswith("mdpd")), None)
+    ref_name = ref["name"] if ref else REFERENCE_MDPD
+
+    def get(name: str | None, key: str) -> float | None:
+        row = ref if name is None else by.get(name)
+        return row.get(key) if row else None
+
+    # (what, key, compared with, op, bound): the issue's targets; one QPS line per side-kept method
+    specs = [
+        ("train_state_bytes / lora", "train_state_bytes", "lora", "<=", 0.35),
+        ("train_step_s / lora", "train_step_s", "lora", "<=", 0.6),
+        ("infer_qps / none (bare backbone)", "infer_qps", "none", ">=", 0.97),
+    ] + [(f"infer_qps / {s} (side kept)", "infer_qps", s, ">", 1.0) for s in SIDE_KEPT if s in by]
+    checks = [_check(f"{ref_name} {w}", get(None, k), get(o, k), op, b) for w, k, o, op, b in specs]
+    slope_of = {name: v.get("train_state_bytes") for name, v in (slopes or {}).items()}
+    what = f"{ref_name} memory slope / lora (train_state_bytes per sample)"
+    checks.append(_check(what, slope_of.get(ref_name), slope_of.get("lora"), "<=", 0.35))
+    return checks
+
+
+def scaling_slopes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per row name: bytes per extra sample for the exact state and for the measured peak."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pts = [r for r in rows if r["name"] == name and not r.get("error")]
+        out[name] = {}
+        for key in ("train_state_bytes", "train_peak_bytes"):
+            good = [r for r in pts if r.get(key) is not None]
+            out[name][key] = slope([r["batch_size"] for r in good], [r[key] for r in good])
+    return out
+
+
+# -- formatting --------------------------------------------------------------------------------
+def _fmt_params(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.4g}"
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.3g} GiB" if abs(n) >= GIB else f"{n / 1024**2:.3g} MiB"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table, the target checks and (with --scaling) the slopes, as markdown."""
+    res = report["results"]
+    none_qps = next((r["infer_qps"] for r in res if r["name"] == "none" and r.get("infer_qps")), None)
+    lines = [
+        f"Backbone `{report['backbone']}`, batch {report['batch_size']}, {report['device']}, "
+        f"torch {report['torch']}, {report['precision']}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| method | trainable (M) | inference (M) | train state | train peak | step (s) | QPS | latency (ms) | QPS / none |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res:
+        if r.get("error"):
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |||||||| ")
+            continue
+        rel = r["infer_qps"] / none_qps if none_qps and r.get("infer_qps") else None
+        lines.append(
+            f"| {r['name']} | {_fmt_params(r['trainable_params'])} | {_fmt_params(r['inference_params'])} | "
+            f"{_fmt_bytes(r['train_state_bytes'])} | {_fmt_bytes(r['train_peak_bytes'])} | "
+            f"{_fmt(r['train_step_s'], '.4f')} | {_fmt(r['infer_qps'], '.1f')} | "
+            f"{_fmt(r['infer_latency_ms'], '.2f')} | {_fmt(rel, '.3f')} |"
+        )
+    lines += [
+        "",
+        "train state = bytes saved for backward + gradients + AdamW state (exact); train peak = "
+        + ("max allocated during training (CUDA)." if report["device_type"] == "cuda" else
+           "peak RSS growth over the post-build baseline (CPU; includes allocator slack)."),
+        "",
+        "Targets (ratios measured in this run):",
+        "",
+    ]  # fmt: skip
+    for c in report["targets"]:
+        mark = "n/a" if c["ok"] is None else "PASS" if c["ok"] else "MISS"
+        ratio = "not measured" + ("" if "slope" not in c["target"] else " (run with --scaling batch)")
+        if c["ratio"] is not None:
+            ratio = f"{c['ratio']:.3f} (target {c['op']} {c['bound']:g})"
+        lines.append(f"- **{mark}** {c['target']} = {ratio}" + (f"; {c['miss']}" if c["ok"] is False else ""))
+    if report.get("scaling"):
+        sc = report["scaling"]
+        lines += [
+            "",
+            f"Memory slope against batch size ({', '.join(map(str, sc['batch_sizes']))}), per sample:",
+            "",
+        ]
+        lines += ["| method | train state / sample | train peak / sample |", "|---|---:|---:|"]
+        for name, s in sc["slopes"].items():
+            lines.append(
+                f"| {name} | {_fmt_bytes(s['train_state_bytes'])} | {_fmt_bytes(s['train_peak_bytes'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_setup() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(report: dict[str, Any], path: Path) -> None:
+    """Three panels per method: training memory (state and peak), step time, inference QPS."""
+    plt = _plot_setup()
+    res = [r for r in report["results"] if not r.get("error")]
+    names = [r["name"] for r in res]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 2.0), sharey=True)
+    ys = list(range(len(names)))
+    mib = [(r.get("train_state_bytes") or 0) / 1024**2 for r in res]
+    peak = [(r.get("train_peak_bytes") or 0) / 1024**2 for r in res]
+    axes[0].barh([y - 0.2 for y in ys], mib, height=0.4, label="state (exact)", color="tab:blue")
+    axes[0].barh([y + 0.2 for y in ys], peak, height=0.4, label="peak (measured)", color="tab:orange")
+    axes[0].set_xlabel("training memory (MiB)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].barh(ys, [r.get("train_step_s") or 0 for r in res], color="tab:green")
+    axes[1].set_xlabel("training step (s, median)")
+    axes[2].barh(ys, [r.get("infer_qps") or 0 for r in res], color="tab:purple")
+    axes[2].set_xlabel("inference QPS (as deployed)")
+    ref = next((r["infer_qps"] for r in res if r["name"] == "none" and r.get("infer_qps")), None)
+    if ref:
+        axes[2].axvline(ref, ls="--", color="k", lw=1)
+        axes[2].axvline(0.97 * ref, ls=":", color="k", lw=1)
+    axes[0].set_yticks(ys, names)
+    axes[0].invert_yaxis()
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{report['backbone']}, batch {report['batch_size']}, {report['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(report: dict[str, Any], path: Path) -> None:
+    """Training memory against batch size, one line per method (exact state and measured peak)."""
+    plt = _plot_setup()
+    rows = report["scaling"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for name in dict.fromkeys(r["name"] for r in rows):
+        pts = sorted(
+            (r for r in rows if r["name"] == name and not r.get("error")), key=lambda r: r["batch_size"]
+        )
+        bs = [r["batch_size"] for r in pts]
+        style = {"lw": 2.5} if name.startswith("mdpd") or name == "lora" else {"lw": 1, "alpha": 0.8}
+        for ax, key in zip(axes, ("train_state_bytes", "train_peak_bytes")):
+            ax.plot(bs, [(r[key] or 0) / 1024**2 for r in pts], marker="o", label=name, **style)
+    for ax, title in zip(axes, ("train state (exact)", "train peak (measured)")):
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("MiB")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"memory against batch size: {report['backbone']}, {report['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_atomic(path: Path, text: str | None = None, plot: Any = None, report: Any = None) -> None:
+    """Write through a temporary file in the same folder so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    if plot is not None:
+        plot(report, tmp)
+    else:
+        tmp.write_text(text or "")
+    os.replace(tmp, path)
+
+
+# -- command line ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; `--quick` fills in small defaults for every option left unset."""
+    p = argparse.ArgumentParser(prog="python -m mdpd_vl.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", help="open_clip name (ViT-B-32), timm name (resnet50), transformers "
+                   f"architecture ({', '.join(bench_worker.HF_ALIASES)}), or 'quick'; random init")  # fmt: skip
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list; `none` = bare backbone + head")
+    p.add_argument("--mdpd-variants", default=",".join(MDPD_VARIANTS), help="backbone_trainable[+ckpt] list")
+    p.add_argument(
+        "--last-k", type=int, help="blocks whose norms train for norms_last_k (method default if unset)"
+    )
+    p.add_argument("--image-size", type=int, help="input side for image backbones (default: the model's)")
+    p.add_argument("--seq-len", type=int, help="tokens per input for text backbones (default 32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed training steps first (default 3; quick 1)")
+    p.add_argument("--steps", type=int, help="timed training steps (default 10; quick 3)")
+    p.add_argument("--infer-steps", type=int, help="timed inference batches (default 30; quick 10)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--json", default="bench.json", help="results; the .md and .png go next to it")
+    p.add_argument("--markdown", help="markdown path (default: <json stem>.md)")
+    p.add_argument("--png", help="chart path (default: <json stem>.png)")
+    p.add_argument("--scaling", choices=("batch",), help="also sweep batch sizes: memory against batch")
+    p.add_argument("--batch-sizes", help="sweep for --scaling batch (default 8,16,32,64; quick 2,4,8)")
+    p.add_argument("--launcher", choices=("subprocess", "fork"),
+                   help="fresh `python -m` per row, or fork-server children (default: fork with --quick)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per row before it is killed")
+    p.add_argument("--quick", action="store_true", help="tiny ViT, few steps: all methods in < 2 min on CPU")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    quick = args.quick
+    defaults = {
+        "backbone": "quick" if quick else "ViT-B-32",
+        "batch_size": 8 if quick else 32,
+        "warmup": 1 if quick else 3,
+        "steps": 3 if quick else 10,
+        "infer_steps": 10 if quick else 30,
+        "batch_sizes": "2,4,8" if quick else "8,16,32,64",
+        "launcher": "fork" if quick else "subprocess",
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("batch_size", "steps", "num_classes"):
+        if getattr(args, key) < 1:
+            raise UserError("must be at least 1", field="--" + key.replace("_", "-"))
+    for key in ("warmup", "infer_steps"):
+        if getattr(args, key) < 0:
+            raise UserError("must be at least 0", field="--" + key.replace("_", "-"))
+    try:
+        args.batch_sizes = sorted({int(b) for b in _csv(args.batch_sizes)})
+    except ValueError:
+        raise UserError(
+            f"not a comma list of integers: {args.batch_sizes!r}", field="--batch-sizes"
+        ) from None
+    if args.scaling and (len(args.batch_sizes) < 2 or args.batch_sizes[0] < 1):
+        raise UserError("needs at least two positive batch sizes", field="--batch-sizes")
+
+
+def _device(requested: str) -> tuple[str, str]:
+    """(device type, human description) for the JSON; CUDA is never initialised in this process."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise UserError("CUDA was requested but torch sees no GPU", field="--device")
+    if requested == "cuda" or (requested == "auto" and cuda):
+        # initialising CUDA here is harmless: workers are new interpreters (the fork server is
+        # itself started by exec, not by forking this process)
+        return "cuda", f"CUDA ({torch.cuda.get_device_name(0)})"
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "cpu", f"CPU ({model}), {os.cpu_count()} cores"
+
+
+def _scaling_rows(
+    args: argparse.Namespace, rows: list[dict], results: list[dict], launcher: Launcher
+) -> list[dict]:
+    """Training-only runs for every batch size; the main run's rows are reused at its own size."""
+    trained = [r for r in rows if r["method"] != "none"]
+    reuse = {r["name"]: r for r in results if not r.get("error")}
+    out, jobs = [], []
+    for bs in args.batch_sizes:
+        for row in trained:
+            if bs == args.batch_size and row["name"] in reuse:
+                out.append(reuse[row["name"]])
+            else:
+                jobs.append(make_job(row, args, bs, infer=False))
+    out += run_jobs(jobs, launcher, label="scaling ")
+    return out
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --worker, one row of it) and write JSON, markdown and PNG."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return bench_worker.worker_main(args.worker)
+    _fill_defaults(args)
+    rows = plan_rows(_csv(args.methods), _csv(args.mdpd_variants), args.last_k)
+    source = bench_worker.resolve_backbone(args.backbone)  # unknown names fail here, before any work
+    device_type, device_name = _device(args.device)
+    args.device = device_type
+    json_path = Path(args.json)
+    md_path = Path(args.markdown) if args.markdown else json_path.with_suffix(".md")
+    png_path = Path(args.png) if args.png else json_path.with_suffix(".png")
+    import torch
+
+    print(f"bench: {len(rows)} rows on {device_name}, backbone {args.backbone} ({source['kind']}), "
+          f"batch {args.batch_size}, launcher {args.launcher}", file=sys.stderr, flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="mdpd_bench_") as tmp:
+        launcher = Launcher(args.launcher, args.timeout, Path(tmp), bench_worker.preload_modules(source))
+        results = run_jobs([make_job(r, args, args.batch_size, infer=True) for r in rows], launcher)
+        scaling = None
+        if args.scaling == "batch":
+            srows = _scaling_rows(args, rows, results, launcher)
+            scaling = {"batch_sizes": args.batch_sizes, "rows": srows, "slopes": scaling_slopes(srows)}
+    report = {
+        "format": "mdpd_vl.bench",
+        "version": 1,
+        "command": "python -m mdpd_vl.bench " + shlex.join(argv),
+        "device": device_name,
+        "device_type": device_type,
+        "backbone": args.backbone,
+        "backbone_source": source,
+        "batch_size": args.batch_size,
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "settings": {k: getattr(args, k) for k in ("warmup", "steps", "infer_steps", "num_classes", "seed",
+                                                     "threads", "image_size", "seq_len", "launcher", "quick")},
+        "results": results,
+        "scaling": scaling,
+    }  # fmt: skip
+    report["targets"] = check_targets(results, scaling["slopes"] if scaling else None)
+    text = markdown(report)
+    print(text)
+    _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    _write_atomic(md_path, text)
+    _write_atomic(png_path, plot=plot_bars, report=report)
+    written = [json_path, md_path, png_path]
+    if scaling:
+        scaling_png = png_path.with_name(png_path.stem + "_scaling.png")
+        _write_atomic(scaling_png, plot=plot_scaling, report=report)
+        written.append(scaling_png)
+    print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    failed = [r["name"] for r in results + (scaling["rows"] if scaling else []) if r.get("error")]
+    if failed:
+        print(f"bench: {len(failed)} rows failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

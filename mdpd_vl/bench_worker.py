@@ -1,0 +1,391 @@
+"""One row of the efficiency benchmark, run in its own process (see `mdpd_vl.bench`).
+
+A row builds the backbone (random init: weights do not change cost), applies one tuning method
+with a GAP + linear head, trains on a synthetic classification batch (random inputs and labels,
+cross-entropy), and times the model as deployed. It measures:
+- `train_state_bytes`: exact bytes saved for backward + gradients + AdamW state (one metered step);
+- `train_peak_bytes`: CUDA max allocated over the training phase (peak stats reset at its start),
+  or on CPU the peak RSS growth over the post-build baseline (kernel peak reset at the start);
+- `train_step_s`: median of the timed steps (forward, backward, optimiser step), after warm-up;
+- `infer_qps` / `infer_latency_ms`: median per-batch latency of the deployed model (CUDA events on
+  GPU), after warm-up; QPS = batch size / median latency.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mdpd_vl.errors import UserError
+
+# transformers architectures by name, built with random init from their default config class
+HF_ALIASES: dict[str, dict[str, Any]] = {
+    "bert-base": {"model_type": "bert"},
+    "bert-large": {"model_type": "bert", "hidden_size": 1024, "num_hidden_layers": 24,
+                   "num_attention_heads": 16, "intermediate_size": 4096},
+    "roberta-base": {"model_type": "roberta"},
+    "minilm-l6": {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6,
+                  "num_attention_heads": 12, "intermediate_size": 1536},
+    "vit-base": {"model_type": "vit"},
+    "clip-vision": {"model_type": "clip_vision_model"},
+    "clip-text": {"model_type": "clip_text_model"},
+}  # fmt: skip
+# --quick: a tiny open_clip ViT (64 px, 8 px patches, 4 blocks of width 128); the text tower is shrunk
+# too because open_clip always builds both towers before we keep the image one
+QUICK_SPEC: dict[str, Any] = {
+    "kind": "open_clip_image",
+    "name": "ViT-B-32",
+    "kwargs": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    },
+}
+PREFIXES = ("open_clip:", "timm:", "hf:")
+RESULT_KEYS = (
+    "name", "method", "backbone_trainable", "checkpointing", "batch_size", "trainable_params",
+    "inference_params", "train_peak_bytes", "train_state_bytes", "saved_bytes", "grad_bytes",
+    "optimizer_bytes", "train_step_s", "infer_qps", "infer_latency_ms", "error",
+)  # fmt: skip
+
+
+# -- backbone names ----------------------------------------------------------------------------
+def _open_clip_names() -> set[str]:
+    """open_clip's built-in architecture names, read from its config folder (no 9 s import)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model_configs"
+    return {p.stem for p in folder.glob("*.json")}
+
+
+def _hf_config(model_type: str, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, config dict) for a transformers model type; vision when its config has an image size."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type, **extra)
+    return ("hf_vision" if hasattr(cfg, "image_size") else "hf_text"), {"model_type": model_type, **extra}
+
+
+def resolve_backbone(name: str, image_size: int | None = None) -> dict[str, Any]:
+    """Turn a CLI backbone name into `{"kind", "spec"}` for `build_backbone` (random init).
+
+    Order: 'quick', transformers aliases, open_clip names, timm names, transformers model types;
+    prefix with 'open_clip:', 'timm:' or 'hf:' to pick one library when a name exists in several.
+    """
+    lib, _, bare = name.partition(":") if name.startswith(PREFIXES) else ("", "", name)
+    if name == "quick":
+        spec = json.loads(json.dumps(QUICK_SPEC))
+        if image_size:
+            spec["kwargs"]["vision_cfg"]["image_size"] = image_size
+        return {"kind": "open_clip_image", "spec": spec}
+    if lib in ("", "hf") and bare in HF_ALIASES:
+        cfg = dict(HF_ALIASES[bare])
+        kind, config = _hf_config(cfg.pop("model_type"), cfg)
+        if image_size and kind == "hf_vision":
+            config["image_size"] = image_size
+        return {"kind": kind, "spec": {"kind": kind, "name": None, "config": config}}
+    if lib in ("", "open_clip") and bare in _open_clip_names():
+        kwargs = {"force_image_size": image_size} if image_size else {}
+        return {
+            "kind": "open_clip_image",
+            "spec": {"kind": "open_clip_image", "name": bare, "kwargs": kwargs},
+        }
+    if lib in ("", "timm"):
+        import timm
+
+        if timm.is_model(bare):
+            kwargs = {"img_size": image_size} if image_size and "vit" in bare else {}
+            return {
+                "kind": "timm",
+                "spec": {"kind": "timm", "name": bare, "image_size": image_size, "kwargs": kwargs},
+            }
+    if lib in ("", "hf"):
+        from transformers import CONFIG_MAPPING
+
+        if bare in CONFIG_MAPPING:
+            kind, config = _hf_config(bare, {"image_size": image_size} if image_size else {})
+            return {"kind": kind, "spec": {"kind": kind, "name": None, "config": config}}
+    raise UserError(
+        f"unknown backbone {name!r}; valid: 'quick', {', '.join(HF_ALIASES)}, any open_clip model "
+        "(e.g. ViT-B-32, RN50; `python -m mdpd_vl.backbones --list`), any timm model (e.g. resnet50, "
+        "efficientnet_b0) or transformers model type (e.g. bert, roberta); prefix open_clip:/timm:/hf: "
+        "to choose the library",
+        field="--backbone",
+    )
+
+
+def preload_modules(source: dict[str, Any]) -> list[str]:
+    """Modules the fork server imports once, so that each row skips the import bill."""
+    lib = {"open_clip_image": "open_clip", "timm": "timm"}.get(source["kind"], "transformers")
+    return ["torch", lib, "peft", "mdpd_vl.bench_worker", "mdpd_vl.backbones", "mdpd_vl.tuning"]
+
+
+# -- one row -----------------------------------------------------------------------------------
+def _synthetic_batch(
+    backbone: Any, batch_size: int, seq_len: int | None, num_classes: int, device: Any
+) -> tuple:
+    """Random inputs shaped like the backbone's own example input, and random labels."""
+    import torch
+
+    x = backbone.example_input(batch_size)
+    if isinstance(x, dict):  # text: valid ids from the probe, tiled to the requested length
+        ids = x["input_ids"]
+        if seq_len:
+            ids = ids.repeat(1, -(-seq_len // ids.shape[1]))[:, :seq_len]
+        x = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
+    else:
+        x = torch.randn(x.shape, device=device, dtype=x.dtype)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    return x, y
+
+
+def _autocast(job: dict[str, Any]) -> Any:
+    import contextlib
+
+    import torch
+
+    if job.get("precision") == "bf16":
+        return torch.autocast(job["device"], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds one call of `fn` takes; CUDA events on GPU so host jitter does not count."""
+    import torch
+
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _prime_lazy_state(device: str) -> None:
+    """One throwaway AdamW step on a 4-element tensor: torch imports and allocates its optimiser and
+    autograd machinery lazily on first use, which would otherwise show up as training memory."""
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4, device=device))
+    opt = torch.optim.AdamW([p])
+    (p * 2).sum().backward()
+    opt.step()
+
+
+def measure_training(
+    model: Any, step_loss: Callable[[], Any], params: list[Any], optimizer: Any, job: dict[str, Any]
+) -> dict[str, Any]:
+    """Metered first step, warm-up, timed steps; state bytes, peak bytes and median step time."""
+    from mdpd_vl.engine.memory import PeakMemory, measure_train_state
+
+    def loss() -> Any:
+        with _autocast(job):
+            out = step_loss()
+        return out["loss"] if isinstance(out, dict) else out
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+
+    with PeakMemory(job["device"]) as peak:
+        state = measure_train_state(model, loss, params, optimizer)  # also the first warm-up step
+        for _ in range(max(0, job["warmup"] - 1)):
+            step()
+        _sync(job["device"])
+        times = [_timed(step, job["device"]) for _ in range(job["steps"])]
+    gpu = peak.kind == "cuda_allocated"
+    return {
+        "train_state_bytes": state["train_state_bytes"],
+        "saved_bytes": state["saved_bytes"],
+        "grad_bytes": state["grad_bytes"],
+        "optimizer_bytes": state["optim_bytes"],
+        "train_peak_bytes": peak.peak_bytes if gpu else peak.increase_bytes,
+        "train_peak_growth_bytes": peak.increase_bytes,
+        "peak_kind": "cuda_max_allocated" if gpu else "cpu_rss_growth" + ("" if peak.exact else "_unreset"),
+        "train_step_s": statistics.median(times),
+    }
+
+
+def measure_inference(model: Any, x: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Median per-batch latency of `model(x)` in eval mode without autograd, and the QPS it gives."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode(), _autocast(job):
+        for _ in range(max(2, job["infer_steps"] // 5)):
+            model(x)
+        _sync(job["device"])
+        times = [_timed(lambda: model(x), job["device"]) for _ in range(job["infer_steps"])]
+    latency = statistics.median(times)
+    return {"infer_latency_ms": latency * 1000.0, "infer_qps": job["batch_size"] / latency}
+
+
+def _method_config(job: dict[str, Any]) -> Any:
+    """The tuning config of this row (mdpd: its backbone_trainable / checkpointing variant)."""
+    from mdpd_vl.tuning import MethodConfig
+
+    method = "linear" if job["method"] == "none" else job["method"]
+    if method != "mdpd":
+        return MethodConfig(name=method)
+    from mdpd_vl.distill.config import DistillConfig
+
+    distill = {"backbone_trainable": job["backbone_trainable"], "checkpointing": job["checkpointing"]}
+    if job.get("last_k") is not None:
+        distill["last_k"] = job["last_k"]
+    return MethodConfig(name=method, distill=DistillConfig(**distill))
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Build, train and time one row; returns the result row (`bench.RESULT_KEYS` and a few more)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mdpd_vl.backbones import build_backbone
+    from mdpd_vl.heads.pooling import GAPLinear
+    from mdpd_vl.tuning import apply_method
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    torch.manual_seed(int(job.get("seed", 0)))
+    device = job["device"]
+    source = resolve_backbone(job["backbone"], job.get("image_size"))
+    backbone = build_backbone(source["spec"])
+    num_classes = int(job["num_classes"])
+    tuned = apply_method(backbone, lambda width: GAPLinear(width, num_classes), _method_config(job))
+    tuned.to(device)
+    seq_len = job.get("seq_len") or (32 if source["kind"] == "hf_text" else None)
+    x, y = _synthetic_batch(backbone, job["batch_size"], seq_len, num_classes, device)
+    row: dict[str, Any] = {k: job.get(k) for k in RESULT_KEYS}  # unmeasured fields stay None
+    row["trainable_params"] = 0 if job["method"] == "none" else int(tuned.trainable_params)
+    row["inference_params"] = int(tuned.inference_params)
+    if job["method"] != "none":
+        _prime_lazy_state(device)
+        groups = tuned.param_groups()
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=1e-4)
+        tuned.train()
+        row.update(measure_training(tuned, lambda: tuned.train_forward(x, lambda out: F.cross_entropy(out, y)),
+                                    params, optimizer, job))  # fmt: skip
+        del optimizer, groups, params
+    if job.get("infer_steps"):
+        deployed = tuned.deployed()
+        del tuned  # the deployed model must stand alone; drop the training-time wrapper
+        row.update(measure_inference(deployed, x, job))
+    row["error"] = None
+    return row
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def _redirect_output(log: str) -> None:
+    """Send this process's stdout/stderr (library warnings, tracebacks) to the row's log file."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def child(job: dict[str, Any]) -> None:
+    """Entry of a fork-server child: run the row and write its JSON; a failure exits non-zero."""
+    if job.get("log"):
+        _redirect_output(job["log"])
+    _write_json(job["out"], run_job(job))
+
+
+def worker_main(arg: str) -> int:
+    """`python -m mdpd_vl.bench --worker <json or path>`: one row; prints its JSON unless `out` is set."""
+    text = arg if arg.lstrip().startswith("{") else Path(arg).read_text()
+    job = json.loads(text)
+    if job.get("log"):
+        _redirect_output(job["log"])
+    row = run_job(job)
+    if job.get("out"):
+        _write_json(job["out"], row)
+    else:
+        print(json.dumps(row))
+    return 0
+
+
+# -- fresh processes ---------------------------------------------------------------------------
+def _failed(job: dict[str, Any], message: str) -> dict[str, Any]:
+    row = {k: job.get(k) for k in RESULT_KEYS}
+    row["error"] = message
+    return row
+
+
+def _log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+class Launcher:
+    """Starts one fresh process per job: `python -m mdpd_vl.bench --worker <json>`, or (`fork`) a
+    child of a fork server that imported torch and the model libraries once, which saves the 5-15 s
+    import bill per row on slow CPUs. Either way a row owns its process and its memory."""
+
+    def __init__(self, kind: str, timeout: float, workdir: Path, preload: list[str]):
+        self.kind, self.timeout, self.workdir = kind, timeout, workdir
+        self._count = 0
+        self._ctx = None
+        if kind == "fork":
+            import multiprocessing as mp
+
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(preload)
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Run one job to completion; a crash or timeout becomes a row with `error` set."""
+        self._count += 1
+        index = self._count
+        out, log = self.workdir / f"job{index}.json", self.workdir / f"job{index}.log"
+        job = {**job, "out": str(out), "log": str(log)}
+        if self.kind == "fork":
+            assert self._ctx is not None
+            proc = self._ctx.Process(target=child, args=(job,))
+            proc.start()
+            proc.join(self.timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+                return _failed(job, f"timed out after {self.timeout:.0f} s")
+            code = proc.exitcode
+        else:
+            cmd = [sys.executable, "-m", "mdpd_vl.bench", "--worker", json.dumps(job)]
+            try:
+                code = subprocess.run(cmd, timeout=self.timeout, stdin=subprocess.DEVNULL).returncode
+            except subprocess.TimeoutExpired:
+                return _failed(job, f"timed out after {self.timeout:.0f} s")
+        if code != 0 or not out.exists():
+            return _failed(job, f"worker exit {code}: {_log_tail(log)}")
+        return json.loads(out.read_text())

@@ -1,0 +1,368 @@
+"""Datasets over the canonical index (`<split>.index.json`, written by `mdpd_vl.data.prep`).
+
+Every dataset returns dicts. At training time an unreadable image or video is **skipped and
+counted**: the next item is served instead, `dataset.skipped` grows, a warning names the file
+(once), and the sample carries `"skipped": n` so that the collate function can add the count to
+the batch even when loading happens in worker processes. Nothing is ever zero-filled silently.
+Evaluation sets (`ImageTextEval`, `VideoTextEval`, `strict=True`) raise instead: dropping a test
+item would change the metric.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mdpd_vl.data.cache import ArrayCache
+from mdpd_vl.data.video import FrameSampling, read_clip
+from mdpd_vl.errors import UserError
+
+INDEX_FORMAT = "mdpd_vl.index"
+INDEX_VERSION = 1
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "image_text": ("image", "captions"),
+    "image_region": ("feature_file", "row", "captions"),
+    "video_text": ("video", "captions"),
+    "vqa": ("question_id", "image", "question", "answers"),
+    "gqa": ("question_id", "image", "question", "answer"),
+    "grounding": ("image", "sentence", "bbox_xyxy", "width", "height"),
+}
+# What a decoder raises for a missing, truncated or corrupt file (PIL, PyAV, decord, numpy).
+UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, SyntaxError)
+
+
+def load_index(path: str | Path, kind: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Read and validate a canonical index; every problem is a UserError naming the file and field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("index not found; run the data_prep script for this dataset", where=str(path)) from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"not a readable JSON index ({err})", where=str(path)) from None
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        raise UserError(f"not an mdpd_vl index (expected format {INDEX_FORMAT!r})", where=str(path), field="format")
+    if data.get("version") != INDEX_VERSION:
+        raise UserError(f"index version {data.get('version')!r}, this library reads {INDEX_VERSION}; "
+                        "re-run the data_prep script with --force", where=str(path), field="version")
+    if data.get("kind") not in KIND_FIELDS:
+        raise UserError(f"unknown kind {data.get('kind')!r}; valid: {', '.join(KIND_FIELDS)}", where=str(path),
+                        field="kind")
+    wanted = (kind,) if isinstance(kind, str) else tuple(kind or ())
+    if wanted and data["kind"] not in wanted:
+        raise UserError(f"is a {data['kind']!r} index, expected {' or '.join(wanted)}", where=str(path), field="kind")
+    items = data.get("items")
+    if not isinstance(items, list) or not items:
+        raise UserError("no items", where=str(path), field="items")
+    for i, item in enumerate(items):
+        missing = [f for f in KIND_FIELDS[data["kind"]] if not isinstance(item, dict) or f not in item]
+        if missing:
+            raise UserError(f"item {i} lacks {', '.join(missing)}", where=str(path), field=f"items[{i}]")
+    if not isinstance(data.get("media_root"), str):
+        raise UserError("no media_root", where=str(path), field="media_root")
+    root = Path(data["media_root"])
+    # a relative media_root is relative to the index, so that a data folder can be moved whole
+    data["media_root"] = str(root if root.is_absolute() else (path.parent / root).resolve())
+    data["path"] = str(path)
+    return data
+
+
+def _as_index(index: str | Path | Mapping[str, Any], kind: str | Sequence[str]) -> dict[str, Any]:
+    return load_index(index, kind) if isinstance(index, (str, Path)) else dict(index)
+
+
+class IndexDataset(Dataset):
+    """Base: index handling, media paths, and the skip-and-count policy for unreadable media."""
+
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, index: str | Path | Mapping[str, Any], *, strict: bool = False, max_skips: int = 16,
+                 seed: int = 0):
+        self.index = _as_index(index, self.kinds)
+        self.items: list[dict[str, Any]] = self.index["items"]
+        self.root = Path(self.index["media_root"])
+        self.strict, self.max_skips, self.seed = strict, max_skips, seed
+        self.epoch = 0
+        self.skipped = 0
+        self.bad: dict[str, str] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random choices (which caption) depend on (seed, epoch, item), so resuming replays them."""
+        self.epoch = epoch
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, i])
+
+    def media(self, rel: str) -> Path:
+        return self.root / rel
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> dict[str, Any]:
+        """Sample `i`; raises one of UNREADABLE when its media cannot be read."""
+        raise NotImplementedError
+
+    def _record(self, key: str, err: BaseException) -> None:
+        self.skipped += 1
+        if key not in self.bad:
+            self.bad[key] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"skipping unreadable sample {key} ({self.bad[key]}); "
+                          f"{len(self.bad)} bad file(s) so far", stacklevel=3)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self)
+        for attempt in range(self.max_skips + 1):
+            j = (i + attempt) % n
+            try:
+                sample = self.load(j)
+            except UNREADABLE as err:
+                key = getattr(err, "filename", None) or str(j)
+                if self.strict:
+                    raise UserError(f"cannot read ({type(err).__name__}: {err})", where=str(key)) from None
+                self._record(str(key), err)
+                continue
+            sample["skipped"] = attempt
+            return sample
+        raise RuntimeError(f"{self.max_skips + 1} unreadable samples in a row from item {i} of "
+                           f"{self.index.get('path', 'the index')}; bad files: {list(self.bad)[:5]}")
+
+
+class _Unreadable(OSError):
+    """An unreadable media file; `filename` names it for the skip report."""
+
+    def __init__(self, message: str, filename: str):
+        super().__init__(message)
+        self.filename = filename
+
+
+def read_image(path: Path) -> Any:
+    """Open and fully decode an RGB image (PIL decodes lazily; a broken file must fail here)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except UNREADABLE as err:
+        raise _Unreadable(f"{type(err).__name__}: {err}", str(path)) from None
+
+
+class ImageTextPairs(IndexDataset):
+    """Training pairs of an `image_text` (or `image_region`) index.
+
+    `per="caption"`: one item per (image, caption); `per="image"`: one item per image with a
+    caption drawn at random (seeded by seed, epoch and item). Returns `image` (or `regions`),
+    `caption`, `image_index`, `caption_index`.
+    """
+
+    kinds = ("image_text", "image_region")
+
+    def __init__(self, index, transform: Callable | None = None, *, per: str = "caption", **kw: Any):
+        super().__init__(index, **kw)
+        if per not in ("caption", "image"):
+            raise ValueError("per must be 'caption' or 'image'")
+        self.transform, self.per = transform, per
+        self.pairs = [(i, k) for i, it in enumerate(self.items) for k in range(len(it["captions"]))]
+        self._features: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.per == "caption" else len(self.items)
+
+    def visual(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        if self.index["kind"] == "image_region":
+            f = item["feature_file"]
+            if f not in self._features:  # memory-mapped once per process (DataLoader workers too)
+                self._features[f] = np.load(self.media(f), mmap_mode="r", allow_pickle=False)
+            return {"regions": torch.from_numpy(np.array(self._features[f][item["row"]], dtype=np.float32))}
+        img = read_image(self.media(item["image"]))
+        return {"image": self.transform(img) if self.transform else img}
+
+    def load(self, j: int) -> dict[str, Any]:
+        if self.per == "caption":
+            i, k = self.pairs[j]
+        else:
+            i = j
+            k = int(self.rng(j).integers(len(self.items[i]["captions"])))
+        return {**self.visual(i), "caption": self.items[i]["captions"][k], "image_index": i, "caption_index": k}
+
+
+class _RetrievalEval:
+    """Shared by the eval helpers: the flat caption list and its links to the media items."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.captions: list[str] = [c for it in items for c in it["captions"]]
+        self.caption_to_item: list[int] = [i for i, it in enumerate(items) for _ in it["captions"]]
+        self.item_to_captions: list[list[int]] = []
+        k = 0
+        for it in items:
+            self.item_to_captions.append(list(range(k, k + len(it["captions"]))))
+            k += len(it["captions"])
+
+
+class _MediaOnly(Dataset):
+    """All media of an eval split, once each: `{<key>: tensor, "index": i}`."""
+
+    def __init__(self, source: IndexDataset, load: Callable[[int], dict[str, Any]]):
+        self.source, self._load = source, load
+
+    def __len__(self) -> int:
+        return len(self.source.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {**self._load(i), "index": i}
+        except UNREADABLE as err:
+            where = getattr(err, "filename", None) or f"item {i}"
+            raise UserError(f"cannot read ({err}); evaluation needs every test item", where=str(where)) from None
+
+
+class ImageTextEval(_RetrievalEval):
+    """An eval split: `images` (a Dataset over every image once), `captions`, `caption_to_image`,
+    `image_to_captions`. Unreadable images raise (strict)."""
+
+    def __init__(self, index, transform: Callable | None = None):
+        self.pairs = ImageTextPairs(index, transform, strict=True)
+        super().__init__(self.pairs.items)
+        self.images = _MediaOnly(self.pairs, self.pairs.visual)
+        self.caption_to_image, self.image_to_captions = self.caption_to_item, self.item_to_captions
+
+
+class VideoTextDataset(IndexDataset):
+    """Training pairs of a `video_text` index: `video` (`T x 3 x H x W`, T <= max_frames),
+    `frame_mask` (T bools), `caption`, `video_index`, `caption_index`. `per` as in ImageTextPairs.
+    Short videos follow `sampling.short` (see `mdpd_vl.data.video`) and are counted in `short_videos`."""
+
+    kinds = ("video_text",)
+
+    def __init__(self, index, transform: Callable, sampling: FrameSampling | None = None, *,
+                 per: str = "caption", backend: str = "auto", cache: ArrayCache | None = None, **kw: Any):
+        super().__init__(index, **kw)
+        if per not in ("caption", "video"):
+            raise ValueError("per must be 'caption' or 'video'")
+        self.transform, self.per, self.backend, self.cache = transform, per, backend, cache
+        self.sampling = sampling or FrameSampling()
+        self.pairs = [(i, k) for i, it in enumerate(self.items) for k in range(len(it["captions"]))]
+        self.short_videos = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.per == "caption" else len(self.items)
+
+    def visual(self, i: int) -> dict[str, Any]:
+        from mdpd_vl.data.transforms import frames_to_tensor
+
+        path = self.media(self.items[i]["video"])
+        try:
+            clip = read_clip(path, self.sampling, backend=self.backend, cache=self.cache)
+        except UNREADABLE as err:
+            raise _Unreadable(str(err), str(path)) from None
+        self.short_videos += clip.short
+        video = frames_to_tensor(clip.frames, self.transform)
+        return {"video": video, "frame_mask": torch.ones(len(video), dtype=torch.bool), "short": clip.short}
+
+    def load(self, j: int) -> dict[str, Any]:
+        if self.per == "caption":
+            i, k = self.pairs[j]
+        else:
+            i, k = j, int(self.rng(j).integers(len(self.items[j]["captions"])))
+        return {**self.visual(i), "caption": self.items[i]["captions"][k], "video_index": i, "caption_index": k}
+
+
+class VideoTextEval(_RetrievalEval):
+    """An eval split: `videos` (every video once), `captions`, `caption_to_video`, `video_to_captions`."""
+
+    def __init__(self, index, transform: Callable, sampling: FrameSampling | None = None, **kw: Any):
+        self.pairs = VideoTextDataset(index, transform, sampling, strict=True, **kw)
+        super().__init__(self.pairs.items)
+        self.videos = _MediaOnly(self.pairs, self.pairs.visual)
+        self.caption_to_video, self.video_to_captions = self.caption_to_item, self.item_to_captions
+
+
+def build_answer_vocab(indexes: Sequence[Mapping[str, Any]], min_count: int = 1) -> dict[str, int]:
+    """Answer -> label over VQA (`answers` soft scores) or GQA (`answer`) items: answers seen in at
+    least `min_count` questions, most frequent first (ties alphabetical)."""
+    counts: dict[str, int] = {}
+    for index in indexes:
+        for item in index["items"]:
+            answers = item["answers"] if "answers" in item else {item["answer"]: 1.0}
+            for a in answers:
+                counts[a] = counts.get(a, 0) + 1
+    ranked = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    return {a: i for i, a in enumerate(ranked)}
+
+
+class VQADataset(IndexDataset):
+    """`vqa` items: `image`, `question`, `question_id`, `answers` (soft scores) and, with a vocabulary,
+    `target` (a `len(vocab)` float vector of soft scores; answers outside it are dropped)."""
+
+    kinds = ("vqa",)
+
+    def __init__(self, index, transform: Callable | None = None, answer_to_label: Mapping[str, int] | None = None,
+                 **kw: Any):
+        super().__init__(index, **kw)
+        self.transform, self.vocab = transform, answer_to_label
+
+    def load(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        img = read_image(self.media(item["image"]))
+        out = {"image": self.transform(img) if self.transform else img, "question": item["question"],
+               "question_id": item["question_id"], "answers": dict(item["answers"])}
+        if self.vocab is not None:
+            target = torch.zeros(len(self.vocab))
+            for a, score in item["answers"].items():
+                if a in self.vocab:
+                    target[self.vocab[a]] = float(score)
+            out["target"] = target
+        return out
+
+
+class GQADataset(IndexDataset):
+    """`gqa` items: `image`, `question`, `question_id`, `answer`, `label` (-1 when outside the
+    vocabulary or none given), `structural`, `is_balanced`."""
+
+    kinds = ("gqa",)
+
+    def __init__(self, index, transform: Callable | None = None, answer_to_label: Mapping[str, int] | None = None,
+                 **kw: Any):
+        super().__init__(index, **kw)
+        self.transform, self.vocab = transform, answer_to_label or {}
+
+    def load(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        img = read_image(self.media(item["image"]))
+        return {"image": self.transform(img) if self.transform else img, "question": item["question"],
+                "question_id": item["question_id"], "answer": item["answer"],
+                "label": self.vocab.get(item["answer"], -1), "structural": item.get("structural"),
+                "is_balanced": bool(item.get("is_balanced", True))}
+
+
+class GroundingDataset(IndexDataset):
+    """`grounding` items: `image`, `sentence`, `box` (the target as normalised cx, cy, w, h in [0, 1]),
+    `bbox_xyxy` (pixels of the original image), `orig_size` (h, w), ids. The transform must not crop
+    (use `transforms.box_transform`), so that the normalised box stays true after resizing."""
+
+    kinds = ("grounding",)
+
+    def __init__(self, index, transform: Callable | None = None, **kw: Any):
+        super().__init__(index, **kw)
+        self.transform = transform
+
+    def load(self, i: int) -> dict[str, Any]:
+        from torchvision.ops import box_convert
+
+        item = self.items[i]
+        img = read_image(self.media(item["image"]))
+        w, h = float(item["width"]), float(item["height"])
+        xyxy = torch.tensor(item["bbox_xyxy"], dtype=torch.float32)
+        box = box_convert(xyxy[None], "xyxy", "cxcywh")[0] / torch.tensor([w, h, w, h])
+        return {"image": self.transform(img) if self.transform else img, "sentence": item["sentence"],
+                "box": box, "bbox_xyxy": xyxy, "orig_size": torch.tensor([int(h), int(w)]),
+                "ref_id": item.get("ref_id"), "sent_id": item.get("sent_id"), "image_id": item.get("image_id")}

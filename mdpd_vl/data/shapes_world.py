@@ -1,0 +1,349 @@
+"""The synthetic shapes world: a seeded, offline stand-in for every dataset the project reads.
+
+`build_shapes(root)` samples scenes (`shapes_scenes`), words them (`shapes_text`, `shapes_qa`),
+draws them (`shapes_render`), writes the ORIGINAL formats under `root/raw/` (`shapes_formats`) and
+then builds the canonical indexes with the same `mdpd_vl.data.prep` readers real data goes through,
+one folder per task (`TASK_DIRS`). Test (and val) scenes are resampled until no caption of one
+scene also fits another: the share of such ambiguous captions is measured and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mdpd_vl.data import shapes_formats as fmt
+from mdpd_vl.data.shapes_qa import questions
+from mdpd_vl.data.shapes_scenes import (
+    Scene,
+    perturb,
+    place,
+    sample_free_scene,
+    sample_scene,
+    sample_video_scene,
+)
+from mdpd_vl.data.shapes_text import (
+    ambiguous_share,
+    claim_matches,
+    image_captions,
+    referring_expressions,
+    video_captions,
+    video_claim_matches,
+)
+from mdpd_vl.errors import UserError
+
+GENERATOR_VERSION = 1
+MARKER = "shapes_world.json"
+RAW_DIR = "raw"
+# task -> folder of its canonical indexes under the shapes root (what the task recipes read)
+TASK_DIRS: dict[str, str] = {
+    "itr": "itr",
+    "msrvtt": "vtr_msrvtt",
+    "msvd": "vtr_msvd",
+    "vqa": "vqa",
+    "gqa": "gqa",
+    "refcoco": "refcoco",
+}
+MAX_TRIES = 300  # resampling attempts per scene before an ambiguous one is accepted (and reported)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much of the world to generate."""
+
+    itr: tuple[int, int, int]  # train, val, test images (5 captions each)
+    msrvtt: tuple[int, int]  # videos, of which JSFUSION test
+    msvd: tuple[int, int, int]  # train, val, test videos
+    vqa: tuple[int, int]  # train2014, val2014 images
+    gqa: tuple[int, int, int]  # train, val, testdev images
+    refcoco: tuple[int, int, int, int]  # train, val, testA, testB images
+    captions: int = 5
+    msrvtt_captions: int = 10
+    msvd_captions: tuple[int, int] = (3, 12)  # variable number per video
+    questions: int = 3
+    image_side: int = 128
+    video_side: int = 64
+    frames: tuple[int, int] = (8, 16)
+    sibling_prob: float = 0.4  # share of scenes drawn as a hard negative of an earlier one
+
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(itr=(40, 10, 10), msrvtt=(6, 2), msvd=(4, 1, 1), vqa=(12, 6), gqa=(8, 4, 4),
+                  refcoco=(8, 3, 3, 3), msrvtt_captions=5, msvd_captions=(2, 6)),
+    "default": Scale(itr=(1000, 100, 200), msrvtt=(100, 20), msvd=(70, 10, 20), vqa=(400, 100),
+                     gqa=(300, 60, 60), refcoco=(300, 40, 40, 40)),
+}
+
+
+@dataclass
+class ShapesReport:
+    """What `build_shapes` made: counts per task, ambiguity shares, the folders, the time it took."""
+
+    root: str
+    scale: str
+    seed: int
+    version: int = GENERATOR_VERSION
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    ambiguous: dict[str, float] = field(default_factory=dict)
+    task_dirs: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    up_to_date: bool = False
+
+
+def _rng(seed: int, task: str) -> np.random.Generator:
+    """An independent stream per task, so that changing one task never shifts another."""
+    return np.random.default_rng([seed, *task.encode()])
+
+
+# ---------------------------------------------------------------------------------- sampling
+def _collides(claims: list, canonical, accepted: list[tuple[Any, list]], matches) -> bool:
+    for other, other_claims in accepted:
+        if any(matches(c, other) for c in claims) or any(matches(c, canonical) for c in other_claims):
+            return True
+    return False
+
+
+def _image_split(n: int, scale: Scale, rng: np.random.Generator, unique: bool) -> list[tuple[Scene, list]]:
+    """`n` placed scenes with their (caption, claim) lists; `unique` resamples colliding scenes."""
+    out: list[tuple[Scene, list]] = []
+    seen: list[tuple[Any, list]] = []
+    for _ in range(n):
+        for _ in range(MAX_TRIES):
+            scene = None
+            bases = [s for s, _ in out if len(s.things) > 1]
+            if bases and rng.random() < scale.sibling_prob:
+                scene = perturb(bases[int(rng.integers(len(bases)))], rng)
+            scene = scene or sample_scene(rng)
+            caps = image_captions(scene, rng, scale.captions)
+            claims = [c for _, c in caps]
+            if not unique or not _collides(claims, scene.canonical, seen, claim_matches):
+                break
+        seen.append((scene.canonical, claims))
+        out.append((place(scene, scale.image_side, rng), caps))
+    return out
+
+
+def _video_split(n: int, scale: Scale, rng: np.random.Generator, unique: bool, n_caps) -> list[tuple[Any, list]]:
+    out: list[tuple[Any, list]] = []
+    seen: list[tuple[Any, list]] = []
+    for _ in range(n):
+        for _ in range(MAX_TRIES):
+            scene = sample_video_scene(rng, scale.video_side, scale.frames)
+            caps = video_captions(scene, rng, n_caps())
+            claims = [c for _, c in caps]
+            if not unique or not _collides(claims, scene.canonical, seen, video_claim_matches):
+                break
+        seen.append((scene.canonical, claims))
+        out.append((scene, caps))
+    return out
+
+
+def _share(split: list[tuple[Any, list]], matches) -> float:
+    claims = [c for _, caps in split for _, c in caps]
+    return round(ambiguous_share(claims, [s.canonical for s, _ in split], matches), 4)
+
+
+# ------------------------------------------------------------------------------------- tasks
+def _itr(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+    rng = _rng(seed, "itr")
+    splits = {name: _image_split(n, scale, rng, unique=name != "train")
+              for name, n in zip(("train", "val", "test"), scale.itr)}
+    for name in ("val", "test"):
+        report.ambiguous[f"itr_{name}"] = _share(splits[name], claim_matches)
+    fmt.write_karpathy(raw / "itr", {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()},
+                       scale.image_side)
+    report.counts["itr"] = {k: len(v) for k, v in splits.items()}
+
+
+def _videos(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+    rng = _rng(seed, "msrvtt")
+    n, n_test = scale.msrvtt
+    train = _video_split(n - n_test, scale, rng, False, lambda: scale.msrvtt_captions)
+    test = _video_split(n_test, scale, rng, True, lambda: scale.msrvtt_captions)
+    # JSFUSION keeps one caption per test video: measure on exactly those
+    report.ambiguous["msrvtt_test"] = _share([(s, caps[:1]) for s, caps in test], video_claim_matches)
+    fmt.write_msrvtt(raw / "msrvtt", [(s, [t for t, _ in c]) for s, c in train + test], n_test)
+    report.counts["msrvtt"] = {"train": n - n_test, "test": n_test}
+
+    rng = _rng(seed, "msvd")
+    lo, hi = scale.msvd_captions
+    splits, ids = {}, {}
+    for name, count in zip(("train", "val", "test"), scale.msvd):
+        splits[name] = _video_split(count, scale, rng, name != "train", lambda: int(rng.integers(lo, hi + 1)))
+        ids[name] = [f"shp{rng.integers(16**8):08x}_{int(rng.integers(60))}_{int(rng.integers(60, 120))}"
+                     for _ in range(count)]
+    report.ambiguous["msvd_test"] = _share(splits["test"], video_claim_matches)
+    fmt.write_msvd(raw / "msvd", {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()}, ids)
+    report.counts["msvd"] = {k: len(v) for k, v in splits.items()}
+
+
+def _vqa(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+    rng = _rng(seed, "vqa")
+    side = scale.image_side
+    subsets = {}
+    for subset, n, first_id in (("train2014", scale.vqa[0], 100001), ("val2014", scale.vqa[1], 500001)):
+        entries = []
+        for i in range(n):
+            scene = sample_free_scene(rng, side)
+            entries.append((scene, first_id + i, questions(scene, rng, side, scale.questions)))
+        subsets[subset] = entries
+    fmt.write_vqa(raw / "vqa", subsets, side, rng)
+    report.counts["vqa"] = {k: sum(len(q) for _, _, q in v) for k, v in subsets.items()}
+
+    rng = _rng(seed, "gqa")
+    splits, image_id = {}, 2300001
+    for name, n in zip(("train", "val", "testdev"), scale.gqa):
+        entries = []
+        for _ in range(n):
+            scene = sample_free_scene(rng, side)
+            entries.append((scene, str(image_id), questions(scene, rng, side, scale.questions, gqa=True)))
+            image_id += 1
+        splits[name] = entries
+    fmt.write_gqa(raw / "gqa", splits, side, rng)
+    report.counts["gqa"] = {k: sum(len(q) for _, _, q in v) for k, v in splits.items()}
+
+
+def _refcoco(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+    rng = _rng(seed, "refcoco")
+    side, entries, image_id = scale.image_side, [], 700001
+    counts: dict[str, int] = {}
+    for split, n in zip(("train", "val", "testA", "testB"), scale.refcoco):
+        for _ in range(n):
+            for _ in range(MAX_TRIES):  # a scene whose things can all be told apart somehow
+                scene = sample_free_scene(rng, side, min_things=2)
+                targets = [(i, referring_expressions(scene, i, rng, side, k=int(rng.integers(1, 4))))
+                           for i in range(len(scene.placed))]
+                targets = [(i, s) for i, s in targets if s]
+                if targets:
+                    break
+            entries.append((scene, image_id, split, targets))
+            counts[split] = counts.get(split, 0) + sum(len(s) for _, s in targets)
+            image_id += 1
+    fmt.write_refcoco(raw / "refcoco", entries, side)
+    report.counts["refcoco"] = counts
+
+
+# ------------------------------------------------------------------------------- the indexes
+def _prepare_calls(raw: Path, root: Path) -> dict[str, Callable[[], Any]]:
+    """One call per task: the real readers of `mdpd_vl.data.prep` on the files written above.
+    `name="shapes"` marks the data as not the official release (no official-size check)."""
+    from mdpd_vl.data.prep import gqa, karpathy, msrvtt, msvd, refcoco, vqav2
+
+    out = {task: root / folder for task, folder in TASK_DIRS.items()}
+    common: dict[str, Any] = {"force": True, "name": "shapes", "workers": 1}
+    return {
+        "itr": lambda: karpathy.prepare(raw / "itr", out["itr"], dataset="coco", annotations="dataset_shapes.json",
+                                        image_root=".", **common),
+        "msrvtt": lambda: msrvtt.prepare(raw / "msrvtt", out["msrvtt"], **common),
+        "msvd": lambda: msvd.prepare(raw / "msvd", out["msvd"], **common),
+        "vqa": lambda: vqav2.prepare(raw / "vqa", out["vqa"], min_count=1, **common),
+        "gqa": lambda: gqa.prepare(raw / "gqa", out["gqa"], min_count=1, **common),
+        "refcoco": lambda: refcoco.prepare(raw / "refcoco", out["refcoco"], variant="refcoco", split_by="unc",
+                                           **common),
+    }
+
+
+# ------------------------------------------------------------------------------------- build
+def _current(root: Path, scale: str, seed: int) -> ShapesReport | None:
+    """The stored report when `root` holds a complete build of this scale, seed and version."""
+    try:
+        data = json.loads((root / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (data.get("scale"), data.get("seed"), data.get("version")) != (scale, seed, GENERATOR_VERSION):
+        return None
+    if not all(any((root / d).glob("*.index.json")) for d in TASK_DIRS.values()):
+        return None
+    known = {f for f in ShapesReport.__dataclass_fields__}
+    return ShapesReport(**{k: v for k, v in data.items() if k in known})
+
+
+def _remove_ours(path: Path) -> None:
+    """Delete a raw folder only if this generator wrote it (its stamp file is inside)."""
+    if not path.exists():
+        return
+    if not (path / STAMP).is_file():
+        raise UserError("exists and was not written by data_prep/shapes.py; choose another --out",
+                        where=str(path))
+    shutil.rmtree(path)
+
+
+STAMP = "SHAPES_WORLD.txt"
+
+
+def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, force: bool = False,
+                 progress: bool = True) -> ShapesReport:
+    """Generate the world into `root` (raw originals + one index folder per task, see TASK_DIRS).
+    A no-op when `root` already holds this scale and seed, unless `force`."""
+    root = Path(root)
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}", field="scale")
+    current = None if force else _current(root, scale, seed)
+    if current is not None:
+        current.up_to_date = True
+        print(f"shapes world ({scale}, seed {seed}) is up to date in {root} (--force rebuilds)")
+        return current
+    t0 = time.perf_counter()
+    sc = SCALES[scale]
+    raw, partial = root / RAW_DIR, root / f"{RAW_DIR}.partial"
+    _remove_ours(partial)
+    partial.mkdir(parents=True)
+    (partial / STAMP).write_text(f"mdpd_vl synthetic shapes world v{GENERATOR_VERSION}, scale {scale}, "
+                                 f"seed {seed}\n", encoding="utf-8")
+    report = ShapesReport(root=str(root.resolve()), scale=scale, seed=seed, task_dirs=dict(TASK_DIRS))
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("images + captions", lambda: _itr(partial, sc, seed, report)),
+        ("videos", lambda: _videos(partial, sc, seed, report)),
+        ("questions", lambda: _vqa(partial, sc, seed, report)),
+        ("referring expressions", lambda: _refcoco(partial, sc, seed, report)),
+    ]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(steps) + len(TASK_DIRS), desc="shapes world", unit="step", disable=not progress,
+               file=sys.stderr)
+    for name, step in steps:
+        bar.set_postfix_str(name)
+        step()
+        bar.update()
+    (root / MARKER).unlink(missing_ok=True)
+    _remove_ours(raw)
+    partial.rename(raw)
+    for task, call in _prepare_calls(raw, root).items():
+        bar.set_postfix_str(f"index {task}")
+        call()
+        bar.update()
+    bar.close()
+    report.seconds = round(time.perf_counter() - t0, 2)
+    tmp = root / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
+    tmp.replace(root / MARKER)
+    print(summary(report))
+    return report
+
+
+def summary(report: ShapesReport) -> str:
+    """A few lines: where, how much, and the share of ambiguous test captions."""
+    lines = [f"shapes world ({report.scale}, seed {report.seed}) in {report.root} ({report.seconds:.1f} s)"]
+    for task, counts in report.counts.items():
+        lines.append(f"  {task:8s} -> {report.task_dirs.get(task, task)}/: "
+                     + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in report.ambiguous.items())
+    lines.append(f"  captions that fit more than one scene of their split: {shares}")
+    return "\n".join(lines)
+
+
+def ensure_shapes(root: Path | str, scale: str = "default", seed: int = 0) -> Path:
+    """The shapes world in `root`, built first (with a progress bar) when absent; returns `root`."""
+    root = Path(root)
+    if _current(root, scale, seed) is None:
+        print(f"building the synthetic shapes world ({scale}, seed {seed}) in {root} ...", file=sys.stderr)
+        build_shapes(root, scale, seed, progress=True)
+    return root

@@ -1,0 +1,123 @@
+"""DistillConfig: every choice of the dual-path distillation, validated with the field named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mdpd_vl.errors import UserError
+
+BACKBONE_TRAINABLE = ("head", "norms_last_k", "norms_all")
+LOGITS_OBJECTIVES = ("mse", "relational", "none")
+SCHEDULES = ("joint", "alternate")
+
+
+@dataclass
+class DistillConfig:
+    """Masked Dual Path Distillation settings (paper sec. 3.2-3.3, supplementary B).
+
+    All feature and logits losses are SUM-reduced over tokens and channels and MEAN-reduced over
+    the batch (see `distill/losses.py`): the paper's tiny weights (1e-4 / 6e-5 / 4e-5) only make
+    sense against sum-reduced losses, whose magnitude grows with N x D.
+    """
+
+    d: int = 64
+    """bottleneck width of phi (M_down: D_S x d, M_up: d x D_B); must not exceed any D_S or D_B."""
+    gen_hidden: int | None = None
+    """hidden channels of the generation block G (Conv3x3 -> ReLU -> Conv3x3); None = d."""
+    mask_ratio: float = 0.5
+    """lambda: probability that a token of a deep layer is replaced by the mask token; in [0, 1)."""
+    split: float = 0.5
+    """fraction of the feature layers (shallowest first) that imitate; the rest generate."""
+    feature_layers: str | list[int] = "all"
+    """'all' or 0-based indices into the backbone's layers b_1..b_L that get feature distillation."""
+    logits: str = "mse"
+    """logits objective: 'mse' (paper eq. 3), 'relational' (in-batch similarity KL) or 'none'."""
+    temperature: float = 0.1
+    """temperature T of the relational objective's softmax(y y^T / T) over L2-normalised outputs."""
+    task_on_backbone: bool = False
+    """also apply the task loss to the backbone path y_B (not in the paper; see issue 7)."""
+    ema_teacher: float | None = None
+    """decay of an EMA copy of side network + side head used as the logits teacher; None = live side."""
+    task_weight: float = 1.0
+    """weight of the task loss(es) (supplementary B: 1)."""
+    logits_weight: float = 1e-4
+    """weight of the logits distillation loss (supplementary B: 1e-4, for a sum-reduced loss)."""
+    deep_weight: float = 6e-5
+    """weight of the deep-layer masked generation loss (supplementary B: 6e-5, sum-reduced)."""
+    shallow_weight: float = 4e-5
+    """weight of the shallow-layer imitation loss (supplementary B: 4e-5, sum-reduced)."""
+    backbone_trainable: str = "norms_all"
+    """which backbone tensors train: 'head' (W_B only), 'norms_last_k', 'norms_all' (paper)."""
+    last_k: int = 1
+    """number of deepest backbone blocks whose norms train when backbone_trainable=norms_last_k."""
+    checkpointing: bool = False
+    """activation checkpointing of the backbone blocks (recompute in backward, saves memory)."""
+    schedule: str = "joint"
+    """'joint' (all losses every step) or 'alternate' (even steps side path, odd steps backbone path)."""
+    seed: int = 0
+    """seed of the mask generator (the mask of step t is drawn from seed and t, so resume is exact)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str | None = None, prefix: str = "") -> DistillConfig:
+        """Raise one UserError naming the first invalid field; return self when all are valid.
+
+        Fields are named bare (`mask_ratio`); the config loader prefixes the section (`distill.`).
+        """
+
+        def bad(name: str, msg: str) -> UserError:
+            err = UserError(msg, where=where, field=prefix + name)
+            err.detail = msg  # type: ignore[attr-defined]
+            return err
+
+        if not isinstance(self.d, int) or self.d < 1:
+            raise bad("d", f"bottleneck width must be a positive integer, got {self.d!r}")
+        if self.gen_hidden is not None and (not isinstance(self.gen_hidden, int) or self.gen_hidden < 1):
+            raise bad("gen_hidden", f"must be a positive integer or null, got {self.gen_hidden!r}")
+        if not isinstance(self.mask_ratio, (int, float)) or not 0.0 <= self.mask_ratio < 1.0:
+            raise bad("mask_ratio", f"lambda must lie in [0, 1), got {self.mask_ratio!r}")
+        if not isinstance(self.split, (int, float)) or not 0.0 <= self.split <= 1.0:
+            raise bad("split", f"must lie in [0, 1] (fraction of imitating layers), got {self.split!r}")
+        fl = self.feature_layers
+        if not (fl == "all" or (isinstance(fl, list) and all(isinstance(i, int) for i in fl))):
+            raise bad("feature_layers", f"must be 'all' or a list of layer indices, got {fl!r}")
+        if isinstance(fl, list) and len(set(fl)) != len(fl):
+            raise bad("feature_layers", f"repeats a layer index: {fl!r}")
+        if self.logits not in LOGITS_OBJECTIVES:
+            raise bad("logits", f"unknown objective {self.logits!r}; valid: {', '.join(LOGITS_OBJECTIVES)}")
+        if not self.temperature > 0:
+            raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+        if self.ema_teacher is not None and not 0.0 <= self.ema_teacher < 1.0:
+            raise bad("ema_teacher", f"EMA decay must lie in [0, 1) or be null, got {self.ema_teacher!r}")
+        for name in ("task_weight", "logits_weight", "deep_weight", "shallow_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise bad(name, f"loss weight must be a number >= 0, got {value!r}")
+        if self.backbone_trainable not in BACKBONE_TRAINABLE:
+            valid = ", ".join(BACKBONE_TRAINABLE)
+            raise bad("backbone_trainable", f"unknown choice {self.backbone_trainable!r}; valid: {valid}")
+        if not isinstance(self.last_k, int) or self.last_k < 1:
+            raise bad("last_k", f"must be a positive integer, got {self.last_k!r}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if not isinstance(self.seed, int):
+            raise bad("seed", f"must be an integer, got {self.seed!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str | None = None) -> DistillConfig:
+        """Build from a plain dict (YAML); unknown keys are a UserError listing the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(
+                f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}",
+                where=where,
+                field="distill",
+            )
+        try:
+            return cls(**values)
+        except UserError as err:  # re-raise with the file named
+            raise UserError(getattr(err, "detail", str(err)), where=where, field=err.field) from None

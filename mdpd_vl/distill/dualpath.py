@@ -1,0 +1,340 @@
+"""DualPath: the MDPD core. Backbone and side network teach each other; `fade()` keeps the backbone.
+
+One training step (`forward`):
+1. the backbone runs ONCE: `b_1..b_L`. With `backbone_trainable: head` it runs under
+   `torch.no_grad()`, so not a single backbone activation is saved for backward; with norm
+   tuning the graph is kept (only blocks holding a trainable norm record anything);
+2. detached copies of `b_l` feed the side network -> `s_1..s_L` -> side head -> y_S;
+3. the backbone path y_B = W_B(GAP(b_L));
+4. losses (weighted, so `sum(losses.values())` is the objective): 'task_side' (task loss on
+   y_S), 'shallow' (phi(s_l) imitates b_l), 'deep' (G regenerates masked phi(s_l)), 'logits'
+   (y_B learns from the detached y_S, or from an EMA copy of the side path) and optionally
+   'task_backbone'.
+The backbone always runs in eval mode (`train()` is overridden): its weights are frozen, so
+BatchNorm running statistics must not drift and dropout must not perturb the teacher features
+(which also makes per-layer features cacheable when only the head trains).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.distill.bottleneck import Bottleneck
+from mdpd_vl.distill.config import DistillConfig
+from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
+from mdpd_vl.distill.losses import imitation_loss, logits_mse, masked_generation_loss, relational_kl
+from mdpd_vl.errors import UserError
+from mdpd_vl.side.base import SideNetwork
+
+TaskLoss = Callable[[Tensor], Tensor]
+GROUP_NAMES = ("side", "distill", "side_head", "backbone_head", "backbone_norms")
+
+
+@dataclass
+class DualPathOutput:
+    """Both outputs of one step and the named, already weighted losses."""
+
+    y_side: Tensor
+    y_backbone: Tensor
+    losses: dict[str, Tensor]
+
+    @property
+    def loss(self) -> Tensor:
+        """The training objective: the sum of the weighted losses (0 when there are none)."""
+        if not self.losses:
+            return self.y_side.new_zeros(())
+        return torch.stack(list(self.losses.values())).sum()
+
+
+class FadedModel(nn.Module):
+    """What runs at inference after fading: backbone (with its tuned norms) + W_B, nothing else."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Any) -> Tensor:
+        feats = self.backbone.features(x)
+        return self.head(feats[-1], self.backbone.padding_mask(x))
+
+
+class SideKeptModel(nn.Module):
+    """Backbone (frozen, run without grad) + side network + side head: the side-kept deployment."""
+
+    def __init__(self, backbone: Backbone, side: SideNetwork, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.side = side
+        self.head = head
+
+    def forward(self, x: Any) -> Tensor:
+        with torch.no_grad():
+            feats = self.backbone.features(x)
+        valid = self.backbone.padding_mask(x)
+        return self.head(self.side([f.detach() for f in feats], valid).tokens, valid)
+
+
+class EmaTeacher(nn.Module):
+    """An exponential moving average of the side network + side head parameters, held as buffers.
+
+    The teacher runs the LIVE modules with the averaged tensors substituted
+    (`torch.func.functional_call`), so nothing is deep-copied: tensors a side network borrows
+    from the backbone (SHERL's late route) stay shared, and the live buffers are used.
+    """
+
+    def __init__(self, side: SideNetwork, head: nn.Module, backbone: Backbone, decay: float):
+        super().__init__()
+        self.decay = decay
+        shared = {id(p) for p in backbone.parameters()}
+        self.names = {
+            "side": [n for n, p in side.named_parameters() if id(p) not in shared],
+            "head": [n for n, _ in head.named_parameters()],
+        }
+        for part, module in (("side", side), ("head", head)):
+            for i, name in enumerate(self.names[part]):
+                self.register_buffer(f"{part}{i}", module.get_parameter(name).detach().clone())
+
+    def _tensors(self, part: str) -> dict[str, Tensor]:
+        return {name: self.get_buffer(f"{part}{i}") for i, name in enumerate(self.names[part])}
+
+    @torch.no_grad()
+    def update(self, side: SideNetwork, head: nn.Module) -> None:
+        """ema <- decay * ema + (1 - decay) * live, for every side / side-head parameter."""
+        for part, module in (("side", side), ("head", head)):
+            for name, ema in self._tensors(part).items():
+                ema.lerp_(module.get_parameter(name).detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def forward(self, side: SideNetwork, head: nn.Module, feats: list[Tensor], valid: Tensor | None) -> Tensor:
+        out = functional_call(side, self._tensors("side"), (feats, valid), strict=False)
+        return functional_call(head, self._tensors("head"), (out.tokens, valid), strict=False)
+
+
+class DualPath(nn.Module):
+    """Backbone + side network + per-layer bottlenecks phi + generation blocks G + both heads."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        side: SideNetwork,
+        head_side: nn.Module,
+        head_backbone: nn.Module,
+        cfg: DistillConfig | None = None,
+    ):
+        super().__init__()
+        cfg = (cfg or DistillConfig()).validate()
+        self.cfg = cfg
+        if backbone.num_layers == 0:
+            raise UserError("the backbone exposes no layers to distil", field="backbone")
+        if len(side.layer_widths) != backbone.num_layers:
+            raise UserError(
+                f"the side network gives {len(side.layer_widths)} layers, the backbone "
+                f"{backbone.num_layers}; MDPD pairs s_l with b_l",
+                field="side",
+            )
+        self.backbone, self.side = backbone, side
+        self.head_side, self.head_backbone = head_side, head_backbone
+        self.shallow_layers, self.deep_layers = self._split_layers(cfg, backbone.num_layers)
+        self._check_width(cfg, side.layer_widths, backbone.widths)
+        specs = backbone.layer_specs
+        hidden = cfg.gen_hidden or cfg.d
+        self.phi = nn.ModuleDict(
+            {
+                str(i): Bottleneck(side.layer_widths[i], cfg.d, backbone.widths[i])
+                for i in self.shallow_layers + self.deep_layers
+            }
+        )
+        self.generators = nn.ModuleDict({str(i): GenerationBlock(specs[i], hidden) for i in self.deep_layers})
+        # one learnable mask token per distinct deep-layer width (layers of equal width share it)
+        self.mask_tokens = nn.ParameterDict(
+            {
+                str(w): nn.Parameter(torch.randn(w) * 0.02)
+                for w in sorted({backbone.widths[i] for i in self.deep_layers})
+            }
+        )
+        self._norms = self._select_norms(cfg, backbone)
+        self._freeze()
+        backbone.set_checkpointing(cfg.checkpointing)
+        self.ema = EmaTeacher(side, head_side, backbone, cfg.ema_teacher) if cfg.ema_teacher is not None else None
+        self.step = 0
+        self.last_masks: dict[int, Tensor] = {}
+        self.train(self.training)
+
+    # -- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _split_layers(cfg: DistillConfig, num_layers: int) -> tuple[list[int], list[int]]:
+        layers = list(range(num_layers)) if cfg.feature_layers == "all" else list(cfg.feature_layers)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(
+                f"layer indices {bad} are outside the backbone's 0..{num_layers - 1}",
+                field="distill.feature_layers",
+            )
+        layers = sorted(layers)
+        n_shallow = math.floor(cfg.split * len(layers))  # odd counts: the extra layer generates
+        return layers[:n_shallow], layers[n_shallow:]
+
+    def _check_width(self, cfg: DistillConfig, side_widths: list[int], backbone_widths: list[int]) -> None:
+        layers = self.shallow_layers + self.deep_layers
+        if not layers:
+            return
+        smallest = min(min(side_widths[i], backbone_widths[i]) for i in layers)
+        if cfg.d > smallest:
+            raise UserError(
+                f"bottleneck width {cfg.d} exceeds the narrowest distilled width {smallest} "
+                f"(side {side_widths}, backbone {backbone_widths}); phi must reduce",
+                field="distill.d",
+            )
+
+    @staticmethod
+    def _select_norms(cfg: DistillConfig, backbone: Backbone) -> list[tuple[str, nn.Parameter]]:
+        if cfg.backbone_trainable == "head":
+            return []
+        if cfg.backbone_trainable == "norms_last_k":
+            if cfg.last_k > backbone.num_layers:
+                raise UserError(
+                    f"last_k={cfg.last_k} exceeds the backbone's {backbone.num_layers} blocks",
+                    field="distill.last_k",
+                )
+            return backbone.norm_parameters(last_k=cfg.last_k)
+        return backbone.norm_parameters()
+
+    def _freeze(self) -> None:
+        """requires_grad is set from the explicit groups, never from parameter names."""
+        self.backbone.requires_grad_(False)
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        for name, params in self.param_groups().items():
+            for p in params:
+                if name != "backbone_norms" and id(p) in backbone_ids:
+                    continue  # a side network borrowing frozen backbone blocks keeps them frozen
+                p.requires_grad_(True)
+
+    # -- parameter groups ---------------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named, disjoint parameter groups: side, distill, side_head, backbone_head, backbone_norms."""
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        distill = list(self.phi.parameters()) + list(self.generators.parameters())
+        distill += list(self.mask_tokens.values())
+        return {
+            "side": [p for p in self.side.parameters() if id(p) not in backbone_ids],
+            "distill": distill,
+            "side_head": list(self.head_side.parameters()),
+            "backbone_head": list(self.head_backbone.parameters()),
+            "backbone_norms": [p for _, p in self._norms],
+        }
+
+    # -- modes --------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DualPath:
+        """Train the side/distill/heads; the frozen backbone (and EMA teacher) stay in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        if self.ema is not None:
+            self.ema.eval()
+        return self
+
+    def get_extra_state(self) -> Tensor:
+        # the step counter decides the mask and the alternate phase, so exact resume needs it
+        return torch.tensor([self.step], dtype=torch.long)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.step = int(torch.as_tensor(state).reshape(-1)[0])
+
+    def _phase(self) -> str:
+        if self.cfg.schedule == "joint" or not self.training:
+            return "joint"
+        return "side" if self.step % 2 == 0 else "backbone"
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Any, task_loss: TaskLoss | None = None) -> DualPathOutput:
+        """One dual-path pass. `task_loss(y) -> scalar` (closing over the labels) is optional:
+        recipes whose task loss couples two towers compute it outside on `y_side`/`y_backbone`."""
+        cfg, grad = self.cfg, torch.is_grad_enabled()
+        phase = self._phase()
+        if self.ema is not None and self.training and grad:
+            self.ema.update(self.side, self.head_side)
+        valid = self.backbone.padding_mask(x)
+        with torch.set_grad_enabled(grad and bool(self._norms) and phase != "side"):
+            feats = self.backbone.features(x)
+        side_in = [f.detach() for f in feats]
+        with torch.set_grad_enabled(grad and phase != "backbone"):
+            side_out = self.side(side_in, valid)
+            y_side = self.head_side(side_out.tokens, valid)
+        with torch.set_grad_enabled(grad and phase != "side"):
+            y_backbone = self.head_backbone(feats[-1], valid)
+
+        losses: dict[str, Tensor] = {}
+        if phase != "backbone":
+            if task_loss is not None:
+                losses["task_side"] = cfg.task_weight * task_loss(y_side)
+            losses.update(self._feature_losses(side_in, side_out.layers, valid))
+        if phase != "side":
+            if cfg.logits != "none":
+                teacher = y_side.detach() if self.ema is None else self.ema(self.side, self.head_side, side_in, valid)
+                if cfg.logits == "mse":
+                    raw = logits_mse(teacher, y_backbone)
+                else:
+                    raw = relational_kl(teacher, y_backbone, cfg.temperature)
+                losses["logits"] = cfg.logits_weight * raw
+            if cfg.task_on_backbone and task_loss is not None:
+                losses["task_backbone"] = cfg.task_weight * task_loss(y_backbone)
+        if self.training and grad:
+            self.step += 1
+        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses)
+
+    def _mask_generator(self) -> torch.Generator:
+        # seeded from (seed, step): reproducible, and exact after resume without saving RNG state
+        return torch.Generator().manual_seed((self.cfg.seed * 0x9E3779B1 + self.step) % (2**63))
+
+    def _feature_losses(self, teachers: list[Tensor], students: list[Tensor], valid: Tensor | None) -> dict[str, Tensor]:
+        cfg, out = self.cfg, {}
+        if self.shallow_layers:
+            total = sum(
+                imitation_loss(teachers[i], self.phi[str(i)](students[i]), _valid_for(valid, teachers[i]))
+                for i in self.shallow_layers
+            )
+            out["shallow"] = cfg.shallow_weight * total
+        if self.deep_layers:
+            gen = self._mask_generator()
+            by_shape: dict[tuple[int, int], Tensor] = {}
+            total = 0
+            self.last_masks = {}
+            for i in self.deep_layers:
+                b = teachers[i]
+                key = (b.shape[1], self.backbone.layer_specs[i].prefix)
+                if key not in by_shape:  # one mask per sample, shared by deep layers of equal length
+                    by_shape[key] = draw_token_mask(b.shape[0], key[0], cfg.mask_ratio, gen, key[1]).to(b.device)
+                m = by_shape[key]
+                self.last_masks[i] = m
+                v = _valid_for(valid, b)
+                h = self.phi[str(i)](students[i])
+                s_bar = torch.where(m.unsqueeze(-1), self.mask_tokens[str(b.shape[-1])].to(h.dtype), h)
+                if v is not None:
+                    s_bar = s_bar * v.unsqueeze(-1).to(s_bar.dtype)  # padding acts as zero padding for G
+                total = total + masked_generation_loss(b, self.generators[str(i)](s_bar), m, v)
+            out["deep"] = cfg.deep_weight * total
+        return out
+
+    # -- deployment ---------------------------------------------------------------------------
+    def fade(self) -> FadedModel:
+        """Backbone (with its tuned norms) + W_B only: no side, phi, G or mask parameter is referenced."""
+        return FadedModel(self.backbone, self.head_backbone)
+
+    def side_kept(self) -> SideKeptModel:
+        """Backbone + side network + side head: to evaluate the side path."""
+        return SideKeptModel(self.backbone, self.side, self.head_side)
+
+
+def _valid_for(valid: Tensor | None, tokens: Tensor) -> Tensor | None:
+    """The padding mask applies to layers with the sequence's token count (text)."""
+    if valid is None or valid.shape[1] != tokens.shape[1]:
+        return None
+    return valid

@@ -1,0 +1,104 @@
+"""Houlsby-style adapters (peft has none): x + up(GELU(down(x))), inserted by module replacement.
+
+Where they go, found by module type in each backbone block:
+- blocks with an `nn.MultiheadAttention` (open_clip towers): after the attention and after the MLP
+  (the block's child that holds Linear layers), i.e. before each residual addition;
+- post-LN transformers (BERT, MiniLM, RoBERTa): after the output projection of the attention and
+  of the MLP (the single Linear that sits next to a norm in `...SelfOutput` / `...Output`), i.e.
+  before dropout + residual + LayerNorm, exactly where Houlsby et al. put them;
+- CNN stages (timm ResNet / EfficientNet): after each block of the stage, on channels. A layer
+  that is not a sequence of blocks (EfficientNet's final `bn2`) gets none.
+The up projection starts at zero, so the tuned model starts equal to the backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from mdpd_vl.backbones.base import Backbone, is_norm
+from mdpd_vl.errors import UserError
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter on the last (token) or channel (map) axis, identity at initialisation."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.down = nn.Linear(width, dim)
+        self.act = nn.GELU()
+        self.up = nn.Linear(dim, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    @staticmethod
+    def num_params(width: int, dim: int) -> int:
+        """2 * width * dim + dim + width."""
+        return 2 * width * dim + dim + width
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:  # B x C x H x W: adapt channels
+            return x + self.up(self.act(self.down(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return x + self.up(self.act(self.down(x)))
+
+
+class Adapted(nn.Module):
+    """`module` followed by an adapter; a tuple output (attention) adapts its first element."""
+
+    def __init__(self, module: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]), *out[1:])
+        return self.adapter(out)
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _transformer_sites(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(parent, attribute, width) of each sub-module whose output gets an adapter."""
+    sites: list[tuple[nn.Module, str, int]] = []
+    mha = [m for m in block.modules() if isinstance(m, nn.MultiheadAttention)]
+    if mha:
+        in_mha = {id(m) for a in mha for m in a.modules()}
+        for name, child in block.named_children():
+            if isinstance(child, nn.MultiheadAttention):
+                sites.append((block, name, child.embed_dim))
+            elif id(child) not in in_mha and _linears(child):
+                sites.append((block, name, _linears(child)[-1].out_features))
+        return sites
+    for parent in block.modules():
+        children = dict(parent.named_children())
+        linears = [n for n, c in children.items() if isinstance(c, nn.Linear)]
+        if len(linears) == 1 and any(is_norm(c) for c in children.values()):
+            sites.append((parent, linears[0], children[linears[0]].out_features))
+    return sites
+
+
+def insert_adapters(backbone: Backbone, dim: int) -> list[nn.Parameter]:
+    """Insert adapters (bottleneck `dim`, capped at each site's width) in place; return their parameters."""
+    params: list[nn.Parameter] = []
+    for index, block in enumerate(backbone.blocks):
+        width = backbone.layer_specs[index].width
+        if backbone.layer_specs[index].grid is not None and not _linears(block):
+            # a CNN stage: adapt the output of each of its blocks (all have the stage's width)
+            sites = [(block, name, width) for name, _ in block.named_children()] if len(block) else []
+        else:
+            sites = _transformer_sites(block)
+            if not sites:
+                raise UserError(
+                    f"cannot find attention/MLP sub-layers for adapters in {type(block).__name__}",
+                    field="method.name",
+                )
+        for parent, name, site_width in sites:
+            adapter = Adapter(site_width, min(dim, site_width))
+            setattr(parent, name, Adapted(getattr(parent, name), adapter))
+            params.extend(adapter.parameters())
+    return params

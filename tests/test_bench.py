@@ -1,0 +1,136 @@
+"""The efficiency benchmark: row planning, target arithmetic, exact byte counts, JSON schema, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdpd_vl import bench, bench_worker
+from mdpd_vl.heads.pooling import GAPLinear
+
+TINY = ["--backbone", "quick", "--image-size", "32", "--batch-size", "4"]
+
+
+def _job(method: str, **extra) -> dict:
+    """A worker job for the tiny --quick ViT at 32 px (2 warm-up, 2 timed steps)."""
+    row = next(r for r in bench.plan_rows([method], list(bench.MDPD_VARIANTS)) if r["method"] == method)
+    job = {**row, "backbone": "quick", "image_size": 32, "seq_len": None, "batch_size": 4, "device": "cpu",
+           "precision": "fp32", "warmup": 2, "steps": 2, "infer_steps": 3, "num_classes": 5, "seed": 0,
+           "threads": 1}  # fmt: skip
+    job.update(extra)
+    return job
+
+
+# -- planning and CLI errors --------------------------------------------------------------------
+def test_plan_rows_expands_mdpd_variants_in_order():
+    rows = bench.plan_rows(["none", "lora", "mdpd", "lora"], ["head", "norms_all+ckpt"], last_k=2)
+    assert [r["name"] for r in rows] == ["none", "lora", "mdpd[head]", "mdpd[norms_all+ckpt]"]
+    assert rows[2]["backbone_trainable"] == "head" and rows[2]["checkpointing"] is False
+    assert rows[3]["backbone_trainable"] == "norms_all" and rows[3]["checkpointing"] is True
+    assert "last_k" not in rows[3]
+    assert bench.plan_rows(["mdpd"], ["norms_last_k"], last_k=2)[0]["last_k"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--methods", "linear,dora"], "--methods: unknown method 'dora'; valid: none, linear"),
+        (["--mdpd-variants", "head+ckpt"], "--mdpd-variants: unknown mdpd variant 'head+ckpt'"),
+        (["--backbone", "open_clip:NoSuchNet"], "--backbone: unknown backbone 'open_clip:NoSuchNet'; valid:"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["--scaling", "batch", "--batch-sizes", "4"], "--batch-sizes: needs at least two"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*argv, "--json", str(tmp_path / "b.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_resolve_backbone_names():
+    assert bench_worker.resolve_backbone("ViT-B-32")["spec"] == {
+        "kind": "open_clip_image", "name": "ViT-B-32", "kwargs": {}}  # fmt: skip
+    bert = bench_worker.resolve_backbone("bert-base")
+    assert bert["kind"] == "hf_text" and bert["spec"]["config"] == {"model_type": "bert"}
+    assert bench_worker.resolve_backbone("hf:vit", image_size=64)["spec"]["config"]["image_size"] == 64
+    quick = bench_worker.resolve_backbone("quick", image_size=48)["spec"]
+    assert quick["kwargs"]["vision_cfg"]["image_size"] == 48
+    assert bench_worker.QUICK_SPEC["kwargs"]["vision_cfg"]["image_size"] == 64  # not mutated
+
+
+# -- analysis -----------------------------------------------------------------------------------
+def _row(name: str, **values) -> dict:
+    row = {k: None for k in bench.RESULT_KEYS}
+    row.update(name=name, method=name.split("[")[0], **values)
+    return row
+
+
+def test_targets_are_ratios_and_misses_say_by_how_much():
+    results = [
+        _row("none", infer_qps=100.0),
+        _row("lora", train_state_bytes=1000, train_step_s=1.0, infer_qps=99.0),
+        _row("unipt", infer_qps=80.0),
+        _row("sherl", infer_qps=120.0),
+        _row("mdpd[head]", train_state_bytes=300, train_step_s=0.75, infer_qps=98.0),
+    ]
+    slopes = {"mdpd[head]": {"train_state_bytes": 10.0}, "lora": {"train_state_bytes": 20.0}}
+    checks = {c["target"].split(" = ")[0]: c for c in bench.check_targets(results, slopes)}
+    mem = checks["mdpd[head] train_state_bytes / lora"]
+    assert mem["ok"] and mem["ratio"] == pytest.approx(0.3)
+    step = checks["mdpd[head] train_step_s / lora"]
+    assert step["ok"] is False and step["miss"].startswith("misses by 25.0%")  # 0.75 vs <= 0.6
+    assert checks["mdpd[head] infer_qps / none (bare backbone)"]["ok"]  # 0.98 >= 0.97
+    assert checks["mdpd[head] infer_qps / unipt (side kept)"]["ok"]
+    sherl = checks["mdpd[head] infer_qps / sherl (side kept)"]
+    assert sherl["ok"] is False and "18.3%" in sherl["miss"]  # 98/120 = 0.817
+    slope = checks["mdpd[head] memory slope / lora (train_state_bytes per sample)"]
+    assert slope["ok"] is False and slope["ratio"] == pytest.approx(0.5)
+    text = bench.markdown({"results": results, "targets": list(checks.values()), "backbone": "b",
+                           "batch_size": 4, "device": "cpu", "device_type": "cpu", "torch": "x",
+                           "precision": "fp32", "command": "python -m mdpd_vl.bench"})  # fmt: skip
+    assert "**MISS** mdpd[head] train_step_s / lora = 1.250" not in text  # ratio is 0.75, not its inverse
+    assert "**MISS** mdpd[head] train_step_s / lora = 0.750 (target <= 0.6); misses by 25.0%" in text
+    assert "| mdpd[head] |" in text and "| 0.980 |" in text  # QPS relative to the bare backbone
+
+
+def test_unmeasured_targets_are_reported_not_passed():
+    checks = bench.check_targets([_row("mdpd[head]", train_state_bytes=1)], None)
+    assert all(c["ok"] is None and c["miss"] == "not measured" for c in checks)
+
+
+def test_slope_is_least_squares_bytes_per_sample():
+    assert bench.slope([2, 4, 8], [120, 220, 420]) == pytest.approx(50.0)
+    assert bench.slope([4], [1]) is None
+    rows = [_row("lora", batch_size=b, train_state_bytes=100 + 7 * b, train_peak_bytes=None) for b in (2, 4)]
+    assert bench.scaling_slopes(rows) == {
+        "lora": {"train_state_bytes": pytest.approx(7.0), "train_peak_bytes": None}
+    }
+
+
+# -- exact byte counts --------------------------------------------------------------------------
+def test_train_state_bytes_of_a_linear_probe_equals_the_hand_count():
+    """Frozen backbone + GAP/linear head, cross-entropy, AdamW: every byte is known in advance."""
+    torch.manual_seed(0)
+    b, n, d_in, d, c = 6, 5, 8, 16, 3
+    backbone = nn.Linear(d_in, d).requires_grad_(False)
+    head = GAPLinear(d, c)
+    model = nn.ModuleDict({"backbone": backbone, "head": head})
+    x, y = torch.randn(b, n, d_in), torch.randint(0, c, (b,))
+    params = list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    job = {"device": "cpu", "warmup": 2, "steps": 3, "precision": "fp32"}
+    out = bench_worker.measure_training(
+        model, lambda: F.cross_entropy(head(backbone(x)), y), params, opt, job
+    )
+    f32, i64 = 4, 8
+    saved = b * d * f32 + b * c * f32 + b * i64 + f32  # head input, log-softmax out, targets, total weight
+    grads = (d * c + c) * f32
+    adamw = 2 * grads + 2 * f32  # exp_avg + exp_avg_sq per parameter, plus one float32 step per tensor
+    assert (out["saved_bytes"], out["grad_bytes"], out["optimizer_bytes"]) == (saved, grads, adamw)
+    assert out["train_state_bytes"] == saved + grads + adamw
+    assert out["train_step_s"] > 0 and out["train_peak_bytes"] >= 0
