@@ -104,7 +104,7 @@ def _progress(i: int, n: int, row: dict[str, Any], seconds: float, label: str) -
         if row.get("infer_qps") is not None:
             parts.append(f"{row['infer_qps']:.1f} qps")
         msg = ", ".join(parts)
-    print(f"[{i:>2}/{n}] {label}{row['name']:<22} {msg}  ({seconds:.1f} s)", file=sys.stderr, flush=True)
+    print(f"[{i:>2}/{n}] {label}{row['name']:<24} {msg}  ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
 def run_jobs(jobs: list[dict[str, Any]], launcher: Launcher, label: str = "") -> list[dict[str, Any]]:
@@ -186,7 +186,10 @@ def _fmt_params(n: int | None) -> str:
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"
-    return f"{n / GIB:.3g} GiB" if abs(n) >= GIB else f"{n / 1024**2:.3g} MiB"
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n / 1024:.3g} KiB"
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -208,7 +211,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in res:
         if r.get("error"):
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} |||||||| ")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " - |" * 7)
             continue
         rel = r["infer_qps"] / none_qps if none_qps and r.get("infer_qps") else None
         lines.append(
@@ -256,31 +259,59 @@ def _plot_setup() -> Any:
     return plt
 
 
+def _log_if_wide(ax: Any, values: list[float], axis: str) -> None:
+    """Log scale when the positive values span more than two decades (tiny heads beside full tuning)."""
+    pos = [v for v in values if v > 0]
+    if pos and max(pos) / min(pos) > 100:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _label_bars(ax: Any, ys: list[float], values: list[float | None], fmt: Any) -> None:
+    for y, v in zip(ys, values):
+        ax.annotate("n/a" if v is None else fmt(v), (v or 0, y), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7)  # fmt: skip
+
+
 def plot_bars(report: dict[str, Any], path: Path) -> None:
     """Three panels per method: training memory (state and peak), step time, inference QPS."""
     plt = _plot_setup()
     res = [r for r in report["results"] if not r.get("error")]
     names = [r["name"] for r in res]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 2.0), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.45 * len(names) + 2.0), sharey=True)
     ys = list(range(len(names)))
-    mib = [(r.get("train_state_bytes") or 0) / 1024**2 for r in res]
-    peak = [(r.get("train_peak_bytes") or 0) / 1024**2 for r in res]
-    axes[0].barh([y - 0.2 for y in ys], mib, height=0.4, label="state (exact)", color="tab:blue")
-    axes[0].barh([y + 0.2 for y in ys], peak, height=0.4, label="peak (measured)", color="tab:orange")
+    mib = {k: [r[k] / 1024**2 if r.get(k) is not None else None for r in res]
+           for k in ("train_state_bytes", "train_peak_bytes")}  # fmt: skip
+    for (key, label, color), dy in zip(
+        (
+            ("train_state_bytes", "state (exact)", "tab:blue"),
+            ("train_peak_bytes", "peak (measured)", "tab:orange"),
+        ),
+        (-0.2, 0.2),
+    ):
+        pos = [y + dy for y in ys]
+        axes[0].barh(pos, [v or 0 for v in mib[key]], height=0.4, label=label, color=color)
+        _label_bars(axes[0], pos, mib[key], lambda v: f"{v:.3g}")
+    _log_if_wide(axes[0], [v for vs in mib.values() for v in vs if v], "x")
     axes[0].set_xlabel("training memory (MiB)")
     axes[0].legend(loc="lower right", fontsize=8)
-    axes[1].barh(ys, [r.get("train_step_s") or 0 for r in res], color="tab:green")
+    steps = [r.get("train_step_s") for r in res]
+    axes[1].barh(ys, [v or 0 for v in steps], color="tab:green")
+    _label_bars(axes[1], ys, steps, lambda v: f"{v:.3g}")
     axes[1].set_xlabel("training step (s, median)")
-    axes[2].barh(ys, [r.get("infer_qps") or 0 for r in res], color="tab:purple")
+    qps = [r.get("infer_qps") for r in res]
+    axes[2].barh(ys, [v or 0 for v in qps], color="tab:purple")
+    _label_bars(axes[2], ys, qps, lambda v: f"{v:.4g}")
     axes[2].set_xlabel("inference QPS (as deployed)")
     ref = next((r["infer_qps"] for r in res if r["name"] == "none" and r.get("infer_qps")), None)
     if ref:
-        axes[2].axvline(ref, ls="--", color="k", lw=1)
-        axes[2].axvline(0.97 * ref, ls=":", color="k", lw=1)
+        axes[2].axvline(ref, ls="--", color="k", lw=1, label="bare backbone")
+        axes[2].axvline(0.97 * ref, ls=":", color="k", lw=1, label="0.97 x bare")
+        axes[2].legend(loc="lower right", fontsize=8)
     axes[0].set_yticks(ys, names)
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
     fig.suptitle(f"{report['backbone']}, batch {report['batch_size']}, {report['device']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -291,16 +322,21 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
     """Training memory against batch size, one line per method (exact state and measured peak)."""
     plt = _plot_setup()
     rows = report["scaling"]["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for name in dict.fromkeys(r["name"] for r in rows):
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    colors = plt.get_cmap("tab20").colors
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    for i, name in enumerate(names):
         pts = sorted(
             (r for r in rows if r["name"] == name and not r.get("error")), key=lambda r: r["batch_size"]
         )
-        bs = [r["batch_size"] for r in pts]
-        style = {"lw": 2.5} if name.startswith("mdpd") or name == "lora" else {"lw": 1, "alpha": 0.8}
+        style = {"lw": 2.5} if name == REFERENCE_MDPD or name == "lora" else {"lw": 1.2}
         for ax, key in zip(axes, ("train_state_bytes", "train_peak_bytes")):
-            ax.plot(bs, [(r[key] or 0) / 1024**2 for r in pts], marker="o", label=name, **style)
-    for ax, title in zip(axes, ("train state (exact)", "train peak (measured)")):
+            good = [r for r in pts if r.get(key) is not None]
+            ax.plot([r["batch_size"] for r in good], [r[key] / 1024**2 for r in good], marker="o",
+                    label=name, color=colors[i % len(colors)], **style)  # fmt: skip
+    for ax, key, title in zip(axes, ("train_state_bytes", "train_peak_bytes"),
+                              ("train state (exact)", "train peak (measured)")):  # fmt: skip
+        _log_if_wide(ax, [r[key] for r in rows if r.get(key)], "y")
         ax.set_xlabel("batch size")
         ax.set_ylabel("MiB")
         ax.set_title(title)
@@ -340,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (CUDA)")
     p.add_argument("--warmup", type=int, help="untimed training steps first (default 3; quick 1)")
-    p.add_argument("--steps", type=int, help="timed training steps (default 10; quick 3)")
-    p.add_argument("--infer-steps", type=int, help="timed inference batches (default 30; quick 10)")
+    p.add_argument("--steps", type=int, help="timed training steps (default 10; quick 5)")
+    p.add_argument("--infer-steps", type=int, help="timed inference batches (default 30; quick 20)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
@@ -364,8 +400,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         "backbone": "quick" if quick else "ViT-B-32",
         "batch_size": 8 if quick else 32,
         "warmup": 1 if quick else 3,
-        "steps": 3 if quick else 10,
-        "infer_steps": 10 if quick else 30,
+        "steps": 5 if quick else 10,
+        "infer_steps": 20 if quick else 30,
         "batch_sizes": "2,4,8" if quick else "8,16,32,64",
         "launcher": "fork" if quick else "subprocess",
     }
@@ -471,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     report["targets"] = check_targets(results, scaling["slopes"] if scaling else None)
     text = markdown(report)
-    print(text)
+    print(text, end="")
     _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
     _write_atomic(md_path, text)
     _write_atomic(png_path, plot=plot_bars, report=report)

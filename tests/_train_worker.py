@@ -81,8 +81,19 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    cfg = load_config(TrainConfig, None, ["lr=1e-2", "batch_size=8", "epochs=3", "warmup_steps=2",
-                                          "log_every=1", "ckpt_every=4", *args.overrides])
+    cfg = load_config(
+        TrainConfig,
+        None,
+        [
+            "lr=1e-2",
+            "batch_size=8",
+            "epochs=3",
+            "warmup_steps=2",
+            "log_every=1",
+            "ckpt_every=4",
+            *args.overrides,
+        ],
+    )
     model, groups = build(cfg.seed)
 
     def maybe_hang(m: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -91,8 +102,17 @@ def main() -> None:
             time.sleep(600)
         return step_fn(m, batch, step)
 
-    result = train(model, maybe_hang, make_data(), collate, groups, cfg, args.run_dir, progress=False,
-                   config={"worker": True})
+    result = train(
+        model,
+        maybe_hang,
+        make_data(),
+        collate,
+        groups,
+        cfg,
+        args.run_dir,
+        progress=False,
+        config={"worker": True},
+    )
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -48,6 +48,7 @@ def garbage(path: Path, data: bytes = b"this is not media " * 20) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as JSON, creating parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj), encoding="utf-8")
     return path
@@ -78,6 +79,7 @@ def real_tail(name: str, dest: Path, lines: int) -> list[str]:
 
 
 def load_index(out: Path, split: str) -> dict[str, Any]:
+    """Read `<out>/<split>.index.json`."""
     return json.loads((out / f"{split}.index.json").read_text(encoding="utf-8"))
 
 

@@ -276,8 +276,7 @@ def test_padding_mask_and_output(case: Case) -> None:
     if b.modality == "image":
         assert b.padding_mask(x) is None
         return
-    if hasattr(b, "tokenizer") or hasattr(b, "tokenize"):
-        x = b.tokenize(["a small red circle left of a blue square", "a circle"])
+    x = b.tokenize(["a small red circle left of a blue square", "a circle"])
     mask = b.padding_mask(x)
     assert mask.dtype == torch.bool and mask.shape == x["input_ids"].shape
     assert mask[0].sum() > mask[1].sum() > 0 and mask[:, 0].all()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +140,98 @@ def test_train_state_bytes_of_a_linear_probe_equals_the_hand_count():
     assert (out["saved_bytes"], out["grad_bytes"], out["optimizer_bytes"]) == (saved, grads, adamw)
     assert out["train_state_bytes"] == saved + grads + adamw
     assert out["train_step_s"] > 0 and out["train_peak_bytes"] >= 0
+
+
+def _tiny_width() -> int:
+    from mdpd_vl.backbones import build_backbone
+
+    return build_backbone(bench_worker.resolve_backbone("quick", image_size=32)["spec"]).widths[-1]
+
+
+def test_worker_linear_probe_bytes_match_the_hand_count_on_a_real_backbone():
+    job = _job("linear", infer_steps=0)
+    row = bench_worker.run_job(job)
+    b, c, d = job["batch_size"], job["num_classes"], _tiny_width()
+    grads = (d * c + c) * 4
+    # frozen backbone runs without grad: only the head's pooled input, log-softmax, targets, total weight
+    assert row["saved_bytes"] == b * d * 4 + b * c * 4 + b * 8 + 4
+    assert (row["grad_bytes"], row["optimizer_bytes"]) == (grads, 2 * grads + 2 * 4)
+    assert row["trainable_params"] == d * c + c
+    assert row["infer_qps"] is None and row["error"] is None
+
+
+def test_bare_backbone_and_faded_mdpd_agree_in_inference_params():
+    none = bench_worker.run_job(_job("none"))
+    mdpd = bench_worker.run_job(_job("mdpd", steps=1, warmup=1))
+    assert none["inference_params"] == mdpd["inference_params"]
+    assert none["trainable_params"] == 0 and none["train_state_bytes"] is None
+    assert mdpd["trainable_params"] > 0 and mdpd["train_state_bytes"] > mdpd["saved_bytes"] > 0
+    assert none["infer_qps"] > 0 and mdpd["infer_latency_ms"] > 0
+
+
+# -- the CLI's outputs --------------------------------------------------------------------------
+def _check_schema(report: dict, rows: list[str]) -> None:
+    for key, kind in {"device": str, "device_type": str, "backbone": str, "batch_size": int, "torch": str,
+                      "results": list, "targets": list, "command": str}.items():  # fmt: skip
+        assert isinstance(report[key], kind), key
+    assert report["torch"] == torch.__version__
+    assert [r["name"] for r in report["results"]] == rows
+    for r in report["results"]:
+        assert set(bench.RESULT_KEYS) <= set(r) and r["error"] is None, r
+        assert isinstance(r["inference_params"], int) and r["infer_qps"] > 0 and r["infer_latency_ms"] > 0
+        if r["method"] != "none":
+            for key in ("trainable_params", "train_state_bytes", "train_peak_bytes"):
+                assert isinstance(r[key], int) and r[key] >= 0, key
+            assert r["train_step_s"] > 0
+    assert {"target", "ratio", "op", "bound", "ok", "miss"} <= set(report["targets"][0])
+
+
+def test_json_markdown_and_charts_with_in_process_rows(tmp_path, monkeypatch, capsys):
+    """main() end to end, rows run in this process (the fresh-process launch is the slow test's job)."""
+    monkeypatch.setattr(bench.Launcher, "run", lambda self, job: bench_worker.run_job(job))
+    out = tmp_path / "res" / "b.json"
+    argv = [*TINY, "--methods", "none,linear,mdpd", "--mdpd-variants", "head", "--warmup", "1", "--steps", "1",
+            "--infer-steps", "2", "--threads", "1", "--scaling", "batch", "--batch-sizes", "2,4", "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    _check_schema(report, ["none", "linear", "mdpd[head]"])
+    sc = report["scaling"]
+    assert sc["batch_sizes"] == [2, 4] and set(sc["slopes"]) == {"linear", "mdpd[head]"}
+    assert sorted((r["name"], r["batch_size"]) for r in sc["rows"]) == [
+        ("linear", 2), ("linear", 4), ("mdpd[head]", 2), ("mdpd[head]", 4)]  # fmt: skip
+    assert sc["slopes"]["linear"]["train_state_bytes"] > 0  # saved activations grow with the batch
+    md = out.with_suffix(".md").read_text()
+    assert md == capsys.readouterr().out and "| mdpd[head] |" in md and "memory slope" in md
+    for png in (out.with_suffix(".png"), out.with_name("b_scaling.png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.json", "b.md", "b.png", "b_scaling.png"]
+
+
+@pytest.mark.slow
+def test_quick_run_finishes_with_every_method_in_fresh_processes(tmp_path):
+    out = tmp_path / "bench.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdpd_vl.bench", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    expected = [m for m in bench.METHODS if m != "mdpd"] + [f"mdpd[{v}]" for v in bench.MDPD_VARIANTS]
+    _check_schema(report, expected)
+    assert report["settings"]["launcher"] == "fork"
+    assert proc.stderr.count("] ") >= len(expected)  # one progress line per row
+    assert out.with_suffix(".png").stat().st_size > 10_000 and "Targets" in out.with_suffix(".md").read_text()
+    print(f"--quick took {time.perf_counter() - t0:.0f} s")
+
+
+@pytest.mark.slow
+def test_subprocess_launcher_and_worker_entry(tmp_path):
+    out = tmp_path / "b.json"
+    argv = [*TINY, "--methods", "none,mdpd", "--mdpd-variants", "head", "--launcher", "subprocess",
+            "--warmup", "1", "--steps", "1", "--infer-steps", "2", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdpd_vl.bench", *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_schema(json.loads(out.read_text()), ["none", "mdpd[head]"])

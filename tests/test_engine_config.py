@@ -89,7 +89,11 @@ def test_required_key_from_override(tmp_path):
 @pytest.mark.parametrize(
     ("text", "sets", "pattern"),
     [
-        ("model:\n  nmae: x\n", [], r"cfg\.yaml: model\.nmae: unknown key in 'model'; valid keys: name, widths, grid$"),
+        (
+            "model:\n  nmae: x\n",
+            [],
+            r"cfg\.yaml: model\.nmae: unknown key in 'model'; valid keys: name, widths, grid$",
+        ),
         ("bogus: 1\n", [], r"cfg\.yaml: bogus: unknown key; valid keys: out, tag, mode, model, train$"),
         ("train:\n  lr: fast\n", [], r"cfg\.yaml: train\.lr: expected float, got str 'fast'$"),
         ("train:\n  epochs: 1.5\n", [], r"cfg\.yaml: train\.epochs: expected int, got float 1\.5$"),
@@ -102,7 +106,11 @@ def test_required_key_from_override(tmp_path):
         ("- 1\n- 2\n", [], r"cfg\.yaml: the top level must be a mapping of keys, got list$"),
         ("a: 1\na: 2\n", [], r"cfg\.yaml: invalid YAML: duplicate key 'a' \(line 2, column 1\)$"),
         ("a: [1\n", [], r"cfg\.yaml: invalid YAML: .*\(line \d+, column \d+\)$"),
-        ("", ["train.lrr=1"], r"^--set train\.lrr=1: train\.lrr: unknown key in 'train'; valid keys: epochs,"),
+        (
+            "",
+            ["train.lrr=1"],
+            r"^--set train\.lrr=1: train\.lrr: unknown key in 'train'; valid keys: epochs,",
+        ),
         ("", ["train.lr=abc"], r"^--set train\.lr=abc: train\.lr: expected float, got str 'abc'$"),
         ("", ["train.batch_size=0"], r"^--set train\.batch_size=0: train\.batch_size: must be >= 1, got 0$"),
         ("", ["mode.x=1"], r"^--set mode\.x=1: mode: one of 'joint', 'alternate' has no sub-keys$"),

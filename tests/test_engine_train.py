@@ -81,7 +81,9 @@ def test_lr_multiplier_values():
     # warmup (s+1)/W, then cosine from 1 to 0 over the remaining T - W steps
     assert [lr_multiplier(s, total=10, warmup=2, schedule="cosine") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert lr_multiplier(6, total=10, warmup=2, schedule="cosine") == pytest.approx(0.5)
-    assert lr_multiplier(9, total=10, warmup=2, schedule="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert lr_multiplier(9, total=10, warmup=2, schedule="cosine") == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 7 / 8))
+    )
     assert lr_multiplier(6, total=10, warmup=2, schedule="linear") == pytest.approx(0.5)
     assert lr_multiplier(9, total=10, warmup=0, schedule="linear") == pytest.approx(0.1)
     assert lr_multiplier(9, total=10, warmup=2, schedule="constant") == 1.0
@@ -97,8 +99,18 @@ def test_loss_falls_groups_schedule_and_run_folder(tmp_path):
         evals.append((step, m.training))
         return {"step_seen": step}
 
-    res = train(model, mse_step, regression(), collate, groups_of(model, head_lr=2e-2), cfg, tmp_path,
-                eval_fn=eval_fn, progress=False, config={"task": "unit", "train": {"lr": 2e-2}})
+    res = train(
+        model,
+        mse_step,
+        regression(),
+        collate,
+        groups_of(model, head_lr=2e-2),
+        cfg,
+        tmp_path,
+        eval_fn=eval_fn,
+        progress=False,
+        config={"task": "unit", "train": {"lr": 2e-2}},
+    )
     total = 6 * (64 // 8)
     assert res.step == total and res.epoch == 6 and len(res.losses) == total and res.resumed_from is None
     assert sum(res.losses[-5:]) < 0.1 * sum(res.losses[:5]), res.losses
@@ -112,7 +124,12 @@ def test_loss_falls_groups_schedule_and_run_folder(tmp_path):
         assert m["lr/body"] == pytest.approx(5e-2 * factor) and m["lr/head"] == pytest.approx(2e-2 * factor)
         assert m["half"] == pytest.approx(m["loss"] / 2) and m["samples_per_s"] > 0
     assert [s for s, _ in evals] == [12, 24, 36, total] and evals[0][1] is True
-    assert [m["eval/step_seen"] for m in read_metrics(tmp_path) if "eval/step_seen" in m] == [12, 24, 36, total]
+    assert [m["eval/step_seen"] for m in read_metrics(tmp_path) if "eval/step_seen" in m] == [
+        12,
+        24,
+        36,
+        total,
+    ]
 
     facts = json.loads((tmp_path / "config.json").read_text())
     assert facts["seed"] == 0 and facts["config"]["task"] == "unit" and facts["train"]["ckpt_every"] == 16
@@ -125,8 +142,16 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
     seen: list[list[torch.Tensor]] = []
 
     def record(optimizer, args, kwargs):
-        seen[-1].append(torch.cat([p.grad.reshape(-1) for g in optimizer.param_groups for p in g["params"]
-                                   if p.grad is not None]))
+        seen[-1].append(
+            torch.cat(
+                [
+                    p.grad.reshape(-1)
+                    for g in optimizer.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                ]
+            )
+        )
 
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -135,8 +160,16 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
         for i, (bs, accum) in enumerate([(8, 1), (4, 2)]):
             seen.append([])
             model = make()
-            train(model, mse_step, regression(), collate, groups_of(model), cfg_of(batch_size=bs, grad_accum=accum,
-                  max_steps=3), tmp_path / str(i), progress=False)
+            train(
+                model,
+                mse_step,
+                regression(),
+                collate,
+                groups_of(model),
+                cfg_of(batch_size=bs, grad_accum=accum, max_steps=3),
+                tmp_path / str(i),
+                progress=False,
+            )
     finally:
         handle.remove()
     assert len(seen[0]) == len(seen[1]) == 3
@@ -153,8 +186,16 @@ def test_bf16_autocast_on_cpu(tmp_path):
         return {"loss": nn.functional.mse_loss(out.float(), batch[1])}
 
     model = make()
-    res = train(model, step, regression(), collate, groups_of(model), cfg_of(max_steps=2, mixed_precision="bf16"),
-                tmp_path, progress=False)
+    res = train(
+        model,
+        step,
+        regression(),
+        collate,
+        groups_of(model),
+        cfg_of(max_steps=2, mixed_precision="bf16"),
+        tmp_path,
+        progress=True,
+    )
     assert res.step == 2 and set(dtypes) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -166,8 +207,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     model = make()
     with pytest.raises(NonFiniteLossError) as info:
-        train(model, nan_at_6, regression(), collate, groups_of(model), cfg_of(epochs=2, ckpt_every=4),
-              tmp_path, progress=False)
+        train(
+            model,
+            nan_at_6,
+            regression(),
+            collate,
+            groups_of(model),
+            cfg_of(epochs=2, ckpt_every=4),
+            tmp_path,
+            progress=False,
+        )
     message = str(info.value)
     assert "\n" not in message and "loss is nan at step 6" in message and "step-00000004" in message
     assert isinstance(info.value, UserError)
@@ -175,8 +224,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never updated weights
     # the kept checkpoint is usable: the same folder resumes from step 4
     model = make(seed=1)
-    res = train(model, mse_step, regression(), collate, groups_of(model), cfg_of(epochs=2, ckpt_every=4),
-                tmp_path, progress=False)
+    res = train(
+        model,
+        mse_step,
+        regression(),
+        collate,
+        groups_of(model),
+        cfg_of(epochs=2, ckpt_every=4),
+        tmp_path,
+        progress=False,
+    )
     assert res.resumed_from == 4 and res.step == 16 and len(res.losses) == 12
 
 
@@ -201,9 +258,19 @@ def test_bad_input(tmp_path):
     other = make()
     with pytest.raises(UserError, match=r"holds checkpoints of an earlier run \(newest: step-00000002\)"):
         train(other, mse_step, regression(), collate, groups_of(other), cfg, tmp_path / "d", resume=None)
-    with pytest.raises(UserError, match=r"step-00000002: batch_size: checkpoint was written with batch_size=8"):
-        train(other, mse_step, regression(), collate, groups_of(other), cfg_of(max_steps=2, batch_size=4),
-              tmp_path / "d", progress=False)
+    with pytest.raises(
+        UserError, match=r"step-00000002: batch_size: checkpoint was written with batch_size=8"
+    ):
+        train(
+            other,
+            mse_step,
+            regression(),
+            collate,
+            groups_of(other),
+            cfg_of(max_steps=2, batch_size=4),
+            tmp_path / "d",
+            progress=False,
+        )
 
 
 def _env() -> dict[str, str]:
@@ -212,7 +279,17 @@ def _env() -> dict[str, str]:
 
 
 def _worker(run_dir: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, str(WORKER), "--run-dir", str(run_dir), "--out", str(out), "--set", "grad_accum=2", *extra]
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        "--run-dir",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--set",
+        "grad_accum=2",
+        *extra,
+    ]
     return subprocess.Popen(cmd, env=_env(), text=True, **popen)
 
 
@@ -222,6 +299,7 @@ def _weights(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"weights-{rank}.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     # 96 samples / batch 8 / 2 micro-batches = 6 steps per epoch, 18 in all, checkpoints every 4:
     # killed at step 9, the run restarts from step 8 = epoch 1, 2 windows in (mid-epoch, with RNG draws)
@@ -247,17 +325,29 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
     # the metrics lines of the lost steps 9.. were dropped and re-logged: the logs match too
-    assert read_metrics(tmp_path / "cut") == [
-        {k: v for k, v in m.items() if k != "samples_per_s"} | {"samples_per_s": n["samples_per_s"]}
-        for m, n in zip(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut"))
-    ]
+    def without_speed(lines: list[dict]) -> list[dict]:
+        return [{k: v for k, v in m.items() if k != "samples_per_s"} for m in lines]
+
+    assert without_speed(read_metrics(tmp_path / "cut")) == without_speed(read_metrics(tmp_path / "whole"))
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,3 +192,10 @@ def test_precomp_regions_and_dev_truncation(tmp_path):
         prepare_coco(raw, tmp_path / "out2")
     assert "has 9 rows" in info.value.report.problems[0].reason
     assert written(tmp_path / "out2") == []
+
+
+def test_custom_name_skips_the_official_size_check(tmp_path, capsys):
+    raw, out = flickr_raw(tmp_path / "raw"), tmp_path / "out"
+    report = prepare_flickr30k(raw, out, name="shapes")
+    assert report.dataset == "shapes" and load_index(out, "train")["dataset"] == "shapes"
+    assert report.warnings == [] and "warning" not in capsys.readouterr().err

@@ -7,10 +7,22 @@ import pickle
 from pathlib import Path
 
 import pytest
-from prep_helpers import REAL, garbage, load_index, real_head, real_tail, run_script, truncate, video, write_json, written
+from prep_helpers import (
+    REAL,
+    garbage,
+    load_index,
+    real_head,
+    real_tail,
+    run_script,
+    truncate,
+    video,
+    write_json,
+    written,
+)
 
 from mdpd_vl.data.prep import BadInputError, msrvtt, msvd
-from mdpd_vl.data.prep.common import check_video, read_csv, read_lines
+from mdpd_vl.data.prep.common import read_csv, read_lines
+from mdpd_vl.data.prep.media import check_video
 
 
 def test_real_files_parse_whole():
@@ -125,6 +137,7 @@ def test_msvd_index(tmp_path):
 def test_msvd_bad_inputs(tmp_path, capsys):
     raw, out = tmp_path / "raw", tmp_path / "out"
     ids = msvd_raw(raw)
+    msvd.prepare(raw, out)
     (raw / "YouTubeClips" / f"{ids['train'][0]}.avi").unlink()  # missing
     garbage(raw / "YouTubeClips" / f"{ids['val'][0]}.avi")  # does not decode
     with open(raw / "raw-captions.pkl", "rb") as f:
@@ -136,10 +149,11 @@ def test_msvd_bad_inputs(tmp_path, capsys):
         msvd.prepare(raw, out)
     reasons = sorted(p.reason.split(" (")[0] for p in info.value.report.problems)
     assert reasons == ["does not decode", f"{ids['test'][0]}: empty caption list", "missing"]
-    assert written(out) == []
+    assert written(out) == ["test.index.json", "train.index.json", "val.index.json"]  # the earlier, good run
+    assert len(load_index(out, "train")["items"]) == 2
     report = msvd.prepare(raw, out, skip_bad=True)
-    assert report.splits == {"train": 1, "test": 1}  # val lost its only video
-    assert "val.index.json" not in written(out) and "prep_report.json" in written(out)
+    assert report.splits == {"train": 1, "test": 1}  # val lost its only video: its old index goes too
+    assert written(out) == ["prep_report.json", "test.index.json", "train.index.json"]
     truncate(raw / "raw-captions.pkl")
     assert run_script("msvd", ["--raw", str(raw), "--out", str(out), "--force"]) == 2
     assert "raw-captions.pkl: not a readable pickle" in capsys.readouterr().err

@@ -1,9 +1,10 @@
 """Datasets over the canonical index (`<split>.index.json`, written by `mdpd_vl.data.prep`).
 
 Every dataset returns dicts. At training time an unreadable image or video is **skipped and
-counted**: the next item is served instead, `dataset.skipped` grows, a warning names the file
-(once), and the sample carries `"skipped": n` so that the collate function can add the count to
-the batch even when loading happens in worker processes. Nothing is ever zero-filled silently.
+counted**: the next readable item is served instead, `dataset.skipped` grows by one, a warning
+names the file (once; known-bad files are not decoded again), and the sample carries
+`"skipped": 1` so that the collate function can add the count to the batch even when loading
+happens in worker processes. Nothing is ever zero-filled silently.
 Evaluation sets (`ImageTextEval`, `VideoTextEval`, `strict=True`) raise instead: dropping a test
 item would change the metric.
 """
@@ -34,7 +35,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "gqa": ("question_id", "image", "question", "answer"),
     "grounding": ("image", "sentence", "bbox_xyxy", "width", "height"),
 }
-# What a decoder raises for a missing, truncated or corrupt file (PIL, PyAV, decord, numpy).
+# What a decoder raises for a missing, truncated or corrupt file (PIL, PyAV, decord, numpy); the
+# readers below turn these into `_Unreadable`, the only error the skip policy catches.
 UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, SyntaxError)
 
 
@@ -74,8 +76,22 @@ def load_index(path: str | Path, kind: str | Sequence[str] | None = None) -> dic
     return data
 
 
-def _as_index(index: str | Path | Mapping[str, Any], kind: str | Sequence[str]) -> dict[str, Any]:
-    return load_index(index, kind) if isinstance(index, (str, Path)) else dict(index)
+def _as_index(index: str | Path | Mapping[str, Any], kinds: Sequence[str]) -> dict[str, Any]:
+    """A path is loaded and validated; a dict (e.g. from load_index) is taken as it is, kind checked."""
+    if isinstance(index, (str, Path)):
+        return load_index(index, kinds)
+    if index.get("kind") not in kinds:
+        raise UserError(f"is a {index.get('kind')!r} index, expected {' or '.join(kinds)}",
+                        where=str(index.get("path", "index")), field="kind")
+    return dict(index)
+
+
+class _Unreadable(OSError):
+    """An unreadable media file; `filename` names it for the skip report."""
+
+    def __init__(self, message: str, filename: str):
+        super().__init__(message)
+        self.filename = filename
 
 
 class IndexDataset(Dataset):
@@ -110,37 +126,42 @@ class IndexDataset(Dataset):
         """Sample `i`; raises one of UNREADABLE when its media cannot be read."""
         raise NotImplementedError
 
-    def _record(self, key: str, err: BaseException) -> None:
-        self.skipped += 1
+    def item_of(self, j: int) -> int:
+        """The index item behind sample `j` (pair datasets have several samples per item)."""
+        return j
+
+    def source(self, j: int) -> str:
+        """The media file of sample `j` (the key of `self.bad`)."""
+        item = self.items[self.item_of(j)]
+        rel = next((item[k] for k in ("image", "video", "feature_file") if k in item), None)
+        return str(self.media(rel)) if rel is not None else f"item {j}"
+
+    def _note_bad(self, key: str, err: BaseException) -> None:
         if key not in self.bad:
             self.bad[key] = f"{type(err).__name__}: {err}"
             warnings.warn(f"skipping unreadable sample {key} ({self.bad[key]}); "
                           f"{len(self.bad)} bad file(s) so far", stacklevel=3)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample `i`, or (training) the next readable one; `skipped` is 1 when `i` itself was not."""
         n = len(self)
         for attempt in range(self.max_skips + 1):
             j = (i + attempt) % n
+            key = self.source(j)
             try:
+                if key in self.bad:  # known bad: do not decode it again
+                    raise _Unreadable(self.bad[key], key)
                 sample = self.load(j)
-            except UNREADABLE as err:
-                key = getattr(err, "filename", None) or str(j)
+            except _Unreadable as err:  # only media errors: a bug in a transform must not be skipped
                 if self.strict:
-                    raise UserError(f"cannot read ({type(err).__name__}: {err})", where=str(key)) from None
-                self._record(str(key), err)
+                    raise UserError(f"cannot read ({err})", where=key) from None
+                self.skipped += attempt == 0  # substitutes that fail are counted when asked for
+                self._note_bad(key, err)
                 continue
-            sample["skipped"] = attempt
+            sample["skipped"] = int(attempt > 0)
             return sample
         raise RuntimeError(f"{self.max_skips + 1} unreadable samples in a row from item {i} of "
                            f"{self.index.get('path', 'the index')}; bad files: {list(self.bad)[:5]}")
-
-
-class _Unreadable(OSError):
-    """An unreadable media file; `filename` names it for the skip report."""
-
-    def __init__(self, message: str, filename: str):
-        super().__init__(message)
-        self.filename = filename
 
 
 def read_image(path: Path) -> Any:
@@ -176,13 +197,20 @@ class ImageTextPairs(IndexDataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.per == "caption" else len(self.items)
 
+    def item_of(self, j: int) -> int:
+        return self.pairs[j][0] if self.per == "caption" else j
+
     def visual(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         if self.index["kind"] == "image_region":
             f = item["feature_file"]
-            if f not in self._features:  # memory-mapped once per process (DataLoader workers too)
-                self._features[f] = np.load(self.media(f), mmap_mode="r", allow_pickle=False)
-            return {"regions": torch.from_numpy(np.array(self._features[f][item["row"]], dtype=np.float32))}
+            try:
+                if f not in self._features:  # memory-mapped once per process (DataLoader workers too)
+                    self._features[f] = np.load(self.media(f), mmap_mode="r", allow_pickle=False)
+                rows = np.array(self._features[f][item["row"]], dtype=np.float32)
+            except (*UNREADABLE, IndexError) as err:
+                raise _Unreadable(f"{type(err).__name__}: {err}", str(self.media(f))) from None
+            return {"regions": torch.from_numpy(rows)}
         img = read_image(self.media(item["image"]))
         return {"image": self.transform(img) if self.transform else img}
 
@@ -220,7 +248,7 @@ class _MediaOnly(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
             return {**self._load(i), "index": i}
-        except UNREADABLE as err:
+        except _Unreadable as err:
             where = getattr(err, "filename", None) or f"item {i}"
             raise UserError(f"cannot read ({err}); evaluation needs every test item", where=str(where)) from None
 
@@ -255,6 +283,9 @@ class VideoTextDataset(IndexDataset):
 
     def __len__(self) -> int:
         return len(self.pairs) if self.per == "caption" else len(self.items)
+
+    def item_of(self, j: int) -> int:
+        return self.pairs[j][0] if self.per == "caption" else j
 
     def visual(self, i: int) -> dict[str, Any]:
         from mdpd_vl.data.transforms import frames_to_tensor

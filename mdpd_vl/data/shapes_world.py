@@ -41,7 +41,8 @@ from mdpd_vl.data.shapes_text import (
 from mdpd_vl.errors import UserError
 
 GENERATOR_VERSION = 1
-MARKER = "shapes_world.json"
+MARKER = "shapes_world.json"  # the build report; its presence marks a complete build
+STAMP = "SHAPES_WORLD.txt"  # inside raw/: only folders carrying it are ever deleted
 RAW_DIR = "raw"
 # task -> folder of its canonical indexes under the shapes root (what the task recipes read)
 TASK_DIRS: dict[str, str] = {
@@ -196,7 +197,7 @@ def _vqa(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
             entries.append((scene, first_id + i, questions(scene, rng, side, scale.questions)))
         subsets[subset] = entries
     fmt.write_vqa(raw / "vqa", subsets, side, rng)
-    report.counts["vqa"] = {k: sum(len(q) for _, _, q in v) for k, v in subsets.items()}
+    report.counts["vqa"] = {k[:-4]: sum(len(q) for _, _, q in v) for k, v in subsets.items()}  # train, val
 
     rng = _rng(seed, "gqa")
     splits, image_id = {}, 2300001
@@ -276,8 +277,6 @@ def _remove_ours(path: Path) -> None:
     shutil.rmtree(path)
 
 
-STAMP = "SHAPES_WORLD.txt"
-
 
 def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, force: bool = False,
                  progress: bool = True) -> ShapesReport:
@@ -294,6 +293,9 @@ def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, for
     t0 = time.perf_counter()
     sc = SCALES[scale]
     raw, partial = root / RAW_DIR, root / f"{RAW_DIR}.partial"
+    if raw.exists() and not (raw / STAMP).is_file():  # never overwrite somebody's real data
+        raise UserError("exists and was not written by data_prep/shapes.py; choose another --out",
+                        where=str(raw))
     _remove_ours(partial)
     partial.mkdir(parents=True)
     (partial / STAMP).write_text(f"mdpd_vl synthetic shapes world v{GENERATOR_VERSION}, scale {scale}, "

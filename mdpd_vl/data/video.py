@@ -34,7 +34,7 @@ class FrameSampling:
     """Which frames to read from a video (see the module docstring)."""
 
     max_frames: int = 12
-    fps: float | None = None  # None: uniform over all frames; k: CLIP4Clip's k-per-second extraction
+    fps: int | None = None  # None: uniform over all frames; k: CLIP4Clip's k-per-second extraction
     slice_framepos: int = 2  # when too many frames: 0 head, 1 tail, 2 uniform
     short: str = "mask"  # mask | repeat
     size: int | None = None  # resize the shorter side to this when decoding (smaller cache entries)
@@ -42,8 +42,8 @@ class FrameSampling:
     def __post_init__(self) -> None:
         if self.max_frames < 1:
             raise ValueError("max_frames must be >= 1")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError("fps must be > 0 (or None for uniform sampling)")
+        if self.fps is not None and (self.fps < 1 or int(self.fps) != self.fps):
+            raise ValueError("fps must be a whole number >= 1 (CLIP4Clip's sample_fp), or None for uniform")
         if self.slice_framepos not in (0, 1, 2):
             raise ValueError("slice_framepos must be 0 (head), 1 (tail) or 2 (uniform)")
         if self.short not in ("mask", "repeat"):
@@ -69,12 +69,12 @@ def uniform_indices(num_frames: int, max_frames: int) -> np.ndarray:
     return np.linspace(0, num_frames - 1, num=max_frames, dtype=int)
 
 
-def fps_indices(num_frames: int, native_fps: float, sample_fp: float = 1.0) -> np.ndarray:
+def fps_indices(num_frames: int, native_fps: float, sample_fp: int = 1) -> np.ndarray:
     """The frames CLIP4Clip's `RawVideoExtractorCV2.video_to_tensor(sample_fp=k)` reads, in order."""
     fps = int(native_fps)  # OpenCV's CAP_PROP_FPS truncated, as CLIP4Clip does
     if fps < 1:
         fps = 1  # CLIP4Clip would divide by zero here; one frame a second is the closest reading
-    k = max(1, int(sample_fp))
+    k = int(sample_fp)
     interval = max(fps // k, 1)
     offsets = np.arange(0, fps, interval)[:k]
     total_seconds = (num_frames + fps - 1) // fps
@@ -180,20 +180,22 @@ def read_clip(path: str | Path, sampling: FrameSampling, *, backend: str = "auto
         if hit is not None:
             return Clip(hit["frames"], hit["indices"], int(hit["meta"][0]), float(hit["meta"][1]),
                         bool(hit["meta"][2]), "cache")
-    errors = []
+    errors: list[str] = []
+    decord_failed = False
     for name, reader in (("decord", _read_decord), ("av", _read_av)):
         if backend not in ("auto", name):
             continue
         try:
             frames, idx, n, fps, short = reader(path, sampling)
-        except ImportError as err:
+        except ImportError as err:  # an optional extra: falling back is expected, no warning
             errors.append(f"{name}: not installed ({err})")
             continue
         except Exception as err:  # decoders raise many types; the next backend gets a chance
             errors.append(f"{name}: {type(err).__name__}: {err}")
+            decord_failed |= name == "decord"
             continue
-        if errors and name == "av" and "decord" not in _warned:
-            _warned.add("decord")
+        if decord_failed and "decord" not in _warned:
+            _warned.add("decord")  # once per process: a whole dataset may trip the same decord bug
             warnings.warn(f"decord could not read {path} ({errors[-1]}); using PyAV", stacklevel=2)
         clip = Clip(_resize(frames, sampling.size), idx, n, fps, short, name)
         if cache is not None:

@@ -32,6 +32,7 @@ from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
 from mdpd_vl.distill.losses import imitation_loss, logits_mse, masked_generation_loss, relational_kl
 from mdpd_vl.errors import UserError
+from mdpd_vl.export import FadedModel
 from mdpd_vl.side.base import SideNetwork
 
 TaskLoss = Callable[[Tensor], Tensor]
@@ -52,19 +53,6 @@ class DualPathOutput:
         if not self.losses:
             return self.y_side.new_zeros(())
         return torch.stack(list(self.losses.values())).sum()
-
-
-class FadedModel(nn.Module):
-    """What runs at inference after fading: backbone (with its tuned norms) + W_B, nothing else."""
-
-    def __init__(self, backbone: Backbone, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: Any) -> Tensor:
-        feats = self.backbone.features(x)
-        return self.head(feats[-1], self.backbone.padding_mask(x))
 
 
 class SideKeptModel(nn.Module):

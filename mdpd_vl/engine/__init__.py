@@ -1,7 +1,8 @@
 """The engine: config dataclasses, the one training loop, checkpoints, memory measurement.
 
 See mdpd_vl/README.md for the contracts. Names load lazily so that `import mdpd_vl.engine` does
-not import torch until a training or memory function is used.
+not import torch until a training or memory function is used. The loop itself is
+`from mdpd_vl.engine.train import train` (`mdpd_vl.engine.train` is the module).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ _EXPORTS = {
     "save_config": "config",
     "config_to_yaml": "config",
     "add_config_arguments": "config",
-    "train": "train",
     "TrainResult": "train",
     "NonFiniteLossError": "train",
     "lr_multiplier": "train",

@@ -1,4 +1,4 @@
-"""Checkpoints that lose nothing: atomic on disk, exact on resume.
+"""The run folder: checkpoints that lose nothing (atomic on disk, exact on resume), metrics, config.
 
 Layout: `<run_dir>/checkpoints/step-00000120/` with
 - `model.safetensors`: the trainable parameters and the persistent buffers (frozen weights are not
@@ -7,10 +7,14 @@ Layout: `<run_dir>/checkpoints/step-00000120/` with
 - `rng-<rank>.pt`: python / numpy / torch (/ cuda) RNG states of each process, as tensors and lists.
 A checkpoint is written into a hidden temp folder and renamed into place, so a folder named
 `step-*` is always complete; a run killed while saving leaves the previous one intact.
+Next to them: `metrics.jsonl` (one JSON object per logged step; + `tb/` when TensorBoard is
+installed) and `config.json` (the resolved config, the seed and the run's facts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import re
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mdpd_vl.engine.config import TrainConfig, atomic_write_text, dump_config
 from mdpd_vl.errors import UserError
 
 CKPT_SUBDIR = "checkpoints"
@@ -55,7 +60,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
             return []
         found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     except OSError as err:
-        raise UserError(f"cannot read the checkpoint folder ({err.strerror or err})", where=str(root)) from None
+        raise UserError(
+            f"cannot read the checkpoint folder ({err.strerror or err})", where=str(root)
+        ) from None
     return [p for _, p in sorted(found)]
 
 
@@ -86,6 +93,54 @@ def resolve_resume(run_dir: Path, resume: bool | str | Path | None) -> Path | No
         return found
     reason = "checkpoint not found" if not path.exists() else "not a checkpoint (no state.pt)"
     raise UserError(reason, where=str(resume))
+
+
+# ----------------------------------------------------------------------------- run folder files
+
+
+def write_run_config(
+    run_dir: Path, cfg: TrainConfig, config: Mapping[str, Any] | None, facts: dict[str, Any]
+) -> None:
+    """Write the resolved config, the seed and run facts to `run_dir/config.json` (atomically)."""
+    content = {"seed": cfg.seed, **facts, "train": dump_config(cfg)}
+    if config is not None:
+        content["config"] = dict(config)
+    atomic_write_text(run_dir / "config.json", json.dumps(content, indent=2, default=str) + "\n")
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (+ TensorBoard when importable); main process only."""
+
+    def __init__(self, run_dir: Path, active: bool, resume_step: int | None):
+        self.path, self.active, self.tb = run_dir / "metrics.jsonl", active, None
+        if not active:
+            return
+        kept = []
+        if resume_step is not None and self.path.is_file():  # drop lines the resumed run re-logs
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -170,7 +225,10 @@ def save_checkpoint(
     barrier()
     _fsync_write(tmp / f"rng-{rank}.pt", lambda fh: torch.save(rng_state(), fh))
     if rank == 0:
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_tensors(model, trainable).items()}
+        tensors = {
+            k: v.detach().to("cpu", copy=True).contiguous()
+            for k, v in model_tensors(model, trainable).items()
+        }
         _fsync_write(tmp / "model.safetensors", lambda fh: fh.write(st_save(tensors)))
         state = {
             "format": FORMAT,
@@ -225,7 +283,8 @@ def load_checkpoint(
     missing, unexpected = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
     if missing or unexpected:
         raise UserError(
-            f"does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}", where=str(weights_file)
+            f"does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}",
+            where=str(weights_file),
         )
     with torch.no_grad():
         for name, tensor in saved.items():

@@ -225,7 +225,9 @@ class _Builder:
             if name not in fields:
                 valid = ", ".join(fields)
                 section = f" in {prefix[:-1]!r}" if prefix else ""
-                raise UserError(f"unknown key{section}; valid keys: {valid}", where=self.where(key), field=key)
+                raise UserError(
+                    f"unknown key{section}; valid keys: {valid}", where=self.where(key), field=key
+                )
             try:
                 kwargs[name] = _coerce(value, hints[name], key, lambda c, v, k: self.build(c, v, f"{k}."))
             except _Mismatch as err:
@@ -235,7 +237,11 @@ class _Builder:
                     field=err.key,
                 ) from None
         for name, f in fields.items():
-            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if (
+                name not in kwargs
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
                 key = f"{prefix}{name}"
                 raise UserError("required key is missing", where=self.where(key), field=key)
         try:
@@ -273,7 +279,9 @@ def _apply_override(cls: type, data: dict[str, Any], key: str, value: Any, where
             names = [f.name for f in dataclasses.fields(node_cls) if f.init]
             if part not in names:
                 section = f" in {'.'.join(parts[:depth])!r}" if depth else ""
-                raise UserError(f"unknown key{section}; valid keys: {', '.join(names)}", where=where, field=path)
+                raise UserError(
+                    f"unknown key{section}; valid keys: {', '.join(names)}", where=where, field=path
+                )
         if depth == len(parts) - 1:
             node[part] = value
             return
@@ -305,7 +313,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise UserError(f"cannot read config file ({err.__class__.__name__})", where=where) from None
         loaded = _yaml_load(text, where)
         if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"the top level must be a mapping of keys, got {type(loaded).__name__}", where=where)
+            raise UserError(
+                f"the top level must be a mapping of keys, got {type(loaded).__name__}", where=where
+            )
         data = loaded or {}
     origins: dict[str, str] = {}
     for (key, value), raw in zip(parse_overrides(overrides), overrides):
@@ -392,7 +402,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the shared `--config FILE` and repeatable `--set KEY=VALUE` options to a CLI parser."""
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one field, e.g. --set train.lr=1e-4 (repeatable)",
     )
 
@@ -417,12 +431,18 @@ class TrainConfig:
         default="cosine", metadata={"help": "decay after warmup, to 0 at the last step"}
     )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global grad norm; null = off"})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the global grad norm; null = off"}
+    )
     seed: int = field(default=0, metadata={"help": "seeds data order (seed + epoch) and the RNGs"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between metrics lines"})
-    ckpt_every: int = field(default=500, metadata={"help": "optimizer steps between checkpoints; 0 = end only"})
+    ckpt_every: int = field(
+        default=500, metadata={"help": "optimizer steps between checkpoints; 0 = end only"}
+    )
     keep_checkpoints: int = field(default=1, metadata={"help": "how many recent checkpoints to keep"})
-    eval_every: int = field(default=0, metadata={"help": "optimizer steps between eval_fn calls; 0 = end only"})
+    eval_every: int = field(
+        default=0, metadata={"help": "optimizer steps between eval_fn calls; 0 = end only"}
+    )
     mixed_precision: Literal["auto", "no", "bf16"] = field(
         default="auto", metadata={"help": "auto = bf16 autocast on GPU, fp32 on CPU"}
     )
@@ -469,13 +489,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Validate a config file against a config class; print the resolved config with --print."""
     parser = argparse.ArgumentParser(prog="python -m mdpd_vl.engine.config", description=main.__doc__)
     parser.add_argument("--check", type=Path, metavar="FILE", help="YAML file to validate")
-    parser.add_argument("--class", dest="cls", default="mdpd_vl.engine.config:TrainConfig",
-                        help="config dataclass as module:Class")
+    parser.add_argument(
+        "--class",
+        dest="cls",
+        default="mdpd_vl.engine.config:TrainConfig",
+        help="config dataclass as module:Class",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--print", action="store_true", help="print the resolved config as YAML")
     args = parser.parse_args(argv)
     cfg = load_config(_import_class(args.cls), args.check, args.overrides)
-    print(config_to_yaml(cfg) if args.print else f"ok: {args.check or '<defaults>'}", end="\n" * (not args.print))
+    print(
+        config_to_yaml(cfg) if args.print else f"ok: {args.check or '<defaults>'}",
+        end="\n" * (not args.print),
+    )
     return 0
 
 

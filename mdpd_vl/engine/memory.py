@@ -201,7 +201,11 @@ class PeakMemory:
     def __init__(self, device: torch.device | str | None = None):
         dev = torch.device(device) if device is not None else None
         if dev is None:
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            dev = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
         self.device = dev
         self.kind = "cuda_allocated" if dev.type == "cuda" else "cpu_rss"
         self.baseline_bytes = self.peak_bytes = self.increase_bytes = 0

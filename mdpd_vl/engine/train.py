@@ -23,7 +23,6 @@ Runs on `accelerate` (CPU, one GPU, or several processes started by `torchrun` /
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.engine import checkpoint as ckpt
-from mdpd_vl.engine.config import TrainConfig, atomic_write_text, dump_config
+from mdpd_vl.engine.config import TrainConfig
 from mdpd_vl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,38 +91,46 @@ def warmup_steps(cfg: TrainConfig, total: int) -> int:
     return cfg.warmup_steps or round(cfg.warmup_ratio * total)
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:  # a programming error of the recipe, not a user mistake
+        raise ValueError(message)
+
+
 def build_optimizer(
     model: nn.Module, param_groups: Sequence[Mapping[str, Any]], cfg: TrainConfig
 ) -> tuple[torch.optim.AdamW, dict[str, nn.Parameter]]:
     """AdamW over the named groups (own `lr` / `weight_decay` optional); also returns name -> param."""
     names = {id(p): n for n, p in model.named_parameters()}
-    groups, trainable, seen_groups = [], {}, set()
+    groups: list[dict[str, Any]] = []
+    trainable: dict[str, nn.Parameter] = {}
     for g in param_groups:
-        unknown = set(g) - _GROUP_KEYS
-        if unknown or "name" not in g or "params" not in g:
-            raise ValueError(f"a param group needs 'name' and 'params' (and maybe {_GROUP_KEYS}); got {sorted(g)}")
-        if g["name"] in seen_groups:
-            raise ValueError(f"param group {g['name']!r} appears twice")
-        seen_groups.add(g["name"])
+        label = repr(g.get("name"))
+        _require(
+            "name" in g and "params" in g and set(g) <= _GROUP_KEYS,
+            f"a param group has keys {sorted(_GROUP_KEYS)} ('name', 'params' required); got {sorted(g)}",
+        )
+        _require(all(g["name"] != other["name"] for other in groups), f"param group {label} appears twice")
         params = list(g["params"])
-        if not params:
-            raise ValueError(f"param group {g['name']!r} is empty")
+        _require(bool(params), f"param group {label} is empty")
         for p in params:
-            if id(p) not in names:
-                raise ValueError(f"param group {g['name']!r} holds a tensor that is not a parameter of the model")
-            if names[id(p)] in trainable:
-                raise ValueError(f"parameter {names[id(p)]} is in two param groups")
-            if not p.requires_grad:
-                raise ValueError(f"parameter {names[id(p)]} in group {g['name']!r} does not require grad")
+            _require(
+                id(p) in names, f"param group {label} holds a tensor that is not a parameter of the model"
+            )
+            _require(names[id(p)] not in trainable, f"parameter {names[id(p)]} is in two param groups")
+            _require(p.requires_grad, f"parameter {names[id(p)]} in group {label} does not require grad")
             trainable[names[id(p)]] = p
         groups.append({**g, "params": params})
     if not groups:
         raise ValueError("no param groups: nothing to train")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     return opt, trainable
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup + decay over `total` optimizer steps, one multiplier for every group's own peak lr."""
     fn = partial(lr_multiplier, total=total, warmup=warmup_steps(cfg, total), schedule=cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
@@ -132,7 +139,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: i
 # ----------------------------------------------------------------------------- data order
 
 
-def epoch_batches(n: int, *, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def epoch_batches(
+    n: int, *, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """Index batches of one epoch for process `rank`: the permutation seeded by `seed + epoch`,
     cut to a multiple of `world`, strided by rank, in full batches only."""
     gen = torch.Generator().manual_seed(seed + epoch)
@@ -183,6 +192,20 @@ def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.mixed_precision
 
 
+def _all_ranks_flat(tensors: list[Tensor], op: Callable[[Tensor], Any]) -> None:
+    """Apply a collective `op` to `tensors` as one flat buffer per (device, dtype), then copy back."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for group in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        op(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def _sync_grads(params: list[nn.Parameter], world: int) -> None:
     """Average gradients over processes; a grad that exists on any rank exists (zeros) on all."""
     import torch.distributed as dist
@@ -192,85 +215,29 @@ def _sync_grads(params: list[nn.Parameter], world: int) -> None:
     for p, has in zip(params, present.tolist()):
         if has and p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in by_kind.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def mean(flat: Tensor) -> None:
         dist.all_reduce(flat)
         flat /= world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+    _all_ranks_flat([p.grad for p in params if p.grad is not None], mean)
 
 
 def _sync_buffers(model: nn.Module) -> None:
     """Copy rank 0's floating buffers (e.g. BatchNorm running stats) to every rank, as DDP does."""
     import torch.distributed as dist
 
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for b in model.buffers():
-        if b.is_floating_point():
-            by_kind.setdefault((b.device, b.dtype), []).append(b)
-    for bufs in by_kind.values():
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
-
-
-class _MetricsLog:
-    """metrics.jsonl in the run folder (+ TensorBoard when importable); main process only."""
-
-    def __init__(self, run_dir: Path, active: bool, resume_step: int | None):
-        self.path, self.active, self.tb = run_dir / "metrics.jsonl", active, None
-        if not active:
-            return
-        kept = []
-        if resume_step is not None and self.path.is_file():  # drop lines the resumed run re-logs
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, step: int, values: Mapping[str, float]) -> None:
-        if not self.active:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    _all_ranks_flat([b for b in model.buffers() if b.is_floating_point()], lambda f: dist.broadcast(f, src=0))
 
 
 def _scalar(value: Any, key: str) -> Tensor:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"step_fn returned {key!r} with shape {tuple(value.shape)}; only scalars are logged")
+            raise ValueError(
+                f"step_fn returned {key!r} with shape {tuple(value.shape)}; only scalars are logged"
+            )
         return value.detach().float().reshape(())
     return torch.tensor(float(value))
-
-
-def _write_run_config(run_dir: Path, cfg: TrainConfig, config: Mapping[str, Any] | None, facts: dict[str, Any]) -> None:
-    content = {"seed": cfg.seed, **facts, "train": dump_config(cfg)}
-    if config is not None:
-        content["config"] = dict(config)
-    atomic_write_text(run_dir / "config.json", json.dumps(content, indent=2, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -294,143 +261,239 @@ def train(
 
     `config` is the resolved run config (a dict) written to `run_dir/config.json` with the seed.
     `resume`: 'auto' (resume when run_dir has a checkpoint), True (must), a checkpoint path, or None.
+    `eval_fn(model, step) -> {name: float}` runs every `cfg.eval_every` steps and at the end.
     """
     t0 = time.perf_counter()
-    start_from = ckpt.resolve_resume(Path(run_dir), resume)  # before anything is created on disk
-    run_dir = ckpt.check_run_dir(run_dir)
-    acc = _make_accelerator()
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
-    model.to(device)
-    optimizer, trainable = build_optimizer(model, param_groups, cfg)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    group_names = [g["name"] for g in optimizer.param_groups]
+    run = _Run(model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config)
+    run.open_progress(progress)
+    try:
+        for batches in run.data_windows():
+            run.optimizer_step(batches)
+            if (
+                eval_fn is not None
+                and cfg.eval_every
+                and run.done % cfg.eval_every == 0
+                and run.done < run.total
+            ):
+                run.evaluate(eval_fn)
+            # after eval, so that the saved RNG state includes whatever the evaluation drew
+            if cfg.ckpt_every and run.done % cfg.ckpt_every == 0 and run.done < run.total:
+                run.save()
+        if eval_fn is not None:
+            run.evaluate(eval_fn)
+        if run.result.checkpoint != run.ckpt_path(run.done):
+            run.save()
+    finally:
+        run.close()
+    run.result.wall_seconds = time.perf_counter() - t0
+    return run.result
 
-    n = len(dataset)
-    windows = (n // world // cfg.batch_size) // cfg.grad_accum
-    if windows == 0:
-        need = cfg.batch_size * cfg.grad_accum * world
-        raise UserError(f"{n} samples cannot fill one step of {need} (batch_size x grad_accum x processes)",
-                        field="train.batch_size")
-    total = cfg.max_steps or cfg.epochs * windows
-    scheduler = build_scheduler(optimizer, cfg, total)
-    meta = {"world_size": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-            "dataset_len": n, "groups": group_names, "group_sizes": [len(g["params"]) for g in optimizer.param_groups]}
 
-    pos = {"step": 0, "epoch": 0, "batch": 0}
-    if start_from is not None:
-        loaded = ckpt.load_checkpoint(start_from, model=model, trainable=trainable, optimizer=optimizer,
-                                      scheduler=scheduler, rank=rank)
-        _check_resume_meta(start_from, loaded["meta"], meta)
-        pos = dict(loaded["position"])
-        log.info("resuming from %s (step %d)", start_from, pos["step"])
-    else:
-        if (earlier := ckpt.latest_checkpoint(run_dir)) is not None:  # never overwrite a run by accident
-            raise UserError(f"holds checkpoints of an earlier run (newest: {earlier.name}); resume it, "
-                            "or use another run folder", where=str(run_dir))
-        ckpt.seed_everything(cfg.seed + rank)
+class _Run:
+    """The state one `train` call shares between its loop, its logs and its checkpoints."""
 
-    precision = _resolve_precision(cfg, device)
-    main = acc.is_main_process
-    if main:
-        _write_run_config(run_dir, cfg, config, {"world_size": world, "mixed_precision": precision,
-                                                  "total_steps": total, "device": str(device)})
-    metrics = _MetricsLog(run_dir, main, pos["step"] if start_from is not None else None)
-    result = TrainResult(step=pos["step"], epoch=pos["epoch"], resumed_from=pos["step"] if start_from else None)
-    result.checkpoint = start_from
-    autocast = (partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-                if precision == "bf16" else contextlib.nullcontext)
-    per_step_samples = cfg.batch_size * cfg.grad_accum * world
-
-    def save(step: int) -> Path:
-        return ckpt.save_checkpoint(run_dir, step, model=model, trainable=trainable, optimizer=optimizer,
-                                    scheduler=scheduler, position=pos, meta=meta, rank=rank,
-                                    barrier=acc.wait_for_everyone, keep=cfg.keep_checkpoints)
-
-    def run_eval(step: int) -> None:
-        values = {f"eval/{k}": float(v) for k, v in eval_fn(model, step).items()}  # type: ignore[misc]
-        result.eval_metrics = values
-        metrics.write(step, values)
+    def __init__(self, model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config):
+        start_from = ckpt.resolve_resume(Path(run_dir), resume)  # before anything is created on disk
+        self.run_dir = ckpt.check_run_dir(run_dir)
+        self.acc = _make_accelerator()
+        self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        self.model, self.step_fn, self.cfg = model, step_fn, cfg
+        self.dataset, self.collate_fn = dataset, collate_fn
+        model.to(self.device)
+        self.optimizer, self.trainable = build_optimizer(model, param_groups, cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.group_names = [g["name"] for g in self.optimizer.param_groups]
+        n = len(dataset)
+        self.windows = (n // self.world // cfg.batch_size) // cfg.grad_accum  # optimizer steps per epoch
+        if self.windows == 0:
+            need = cfg.batch_size * cfg.grad_accum * self.world
+            raise UserError(
+                f"{n} samples cannot fill one step of {need} (batch_size x grad_accum x processes)",
+                field="train.batch_size",
+            )
+        self.total = cfg.max_steps or cfg.epochs * self.windows
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total)
+        # what a checkpoint holds besides RNG and position
+        self.parts = {
+            "model": model,
+            "trainable": self.trainable,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+        }
+        self.meta = {
+            "world_size": self.world,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "seed": cfg.seed,
+            "dataset_len": n,
+            "groups": self.group_names,
+            "group_sizes": [len(g["params"]) for g in self.optimizer.param_groups],
+        }
+        self.pos = {"step": 0, "epoch": 0, "batch": 0}
+        self._start(start_from)
+        precision = _resolve_precision(cfg, self.device)
+        self.autocast = (
+            partial(torch.autocast, device_type=self.device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext
+        )
+        if self.acc.is_main_process:
+            facts = {
+                "world_size": self.world,
+                "mixed_precision": precision,
+                "total_steps": self.total,
+                "device": str(self.device),
+            }
+            ckpt.write_run_config(self.run_dir, cfg, config, facts)
+        resumed = self.pos["step"] if start_from is not None else None
+        self.metrics = ckpt.MetricsLog(self.run_dir, self.acc.is_main_process, resumed)
+        self.result = TrainResult(
+            step=self.done, epoch=self.pos["epoch"], resumed_from=resumed, checkpoint=start_from
+        )
+        self.bar: Any = None
+        self.window: dict[str, list[float]] = {}
+        self.t_log, self.since_log = time.perf_counter(), 0
+        self.samples_per_step = cfg.batch_size * cfg.grad_accum * self.world
         model.train()
 
-    bar = None
-    if main and progress:
-        from tqdm.auto import tqdm
+    @property
+    def done(self) -> int:
+        """Optimizer steps completed so far (including those before a resume)."""
+        return self.pos["step"]
 
-        bar = tqdm(total=total, initial=pos["step"], desc="train", dynamic_ncols=True)
-    model.train()
-    window: dict[str, list[float]] = {}
-    t_log, steps_since_log = time.perf_counter(), 0
-    try:
-        while pos["step"] < total:
-            loader = _epoch_loader(dataset, collate_fn, cfg, pos, rank, world, windows, device)
-            for batches in _windows(loader, cfg.grad_accum, device):
-                if pos["step"] >= total:
-                    break
-                step = pos["step"]
-                lrs = [g["lr"] for g in optimizer.param_groups]
-                values = _forward_backward(model, step_fn, batches, step, autocast)
-                if world > 1:
-                    _sync_grads(params, world)
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    with_grad = [p for p in params if p.grad is not None]
-                    if with_grad:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, cfg.max_grad_norm))
-                values = _reduce_values(values, world)
-                bad = {k: v for k, v in (("loss", values["loss"]), ("grad norm", grad_norm))
-                       if v is not None and not math.isfinite(v)}
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    (what, val), = list(bad.items())[:1]
-                    last = ckpt.latest_checkpoint(run_dir)
-                    raise NonFiniteLossError(
-                        f"{what} is {val} at step {step} (epoch {pos['epoch']}); stopped before updating the "
-                        f"weights; last good checkpoint: {last or 'none'} (lower the lr or check the inputs)",
-                        where=str(run_dir), field="loss")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if world > 1:
-                    _sync_buffers(model)
-                pos["step"] += 1
-                pos["batch"] += cfg.grad_accum
-                if pos["batch"] >= windows * cfg.grad_accum:
-                    pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-                result.losses.append(values["loss"])
-                for k, v in values.items():
-                    window.setdefault(k, []).append(v)
-                if grad_norm is not None:
-                    window.setdefault("grad_norm", []).append(grad_norm)
-                steps_since_log += 1
-                done = pos["step"]
-                if bar is not None:
-                    bar.update(1)
-                    sps = steps_since_log * per_step_samples / max(1e-9, time.perf_counter() - t_log)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{sps:.1f}")
-                if done % cfg.log_every == 0 or done == total:
-                    elapsed = time.perf_counter() - t_log
-                    line = {k: sum(v) / len(v) for k, v in window.items()}
-                    line.update({f"lr/{name}": lr for name, lr in zip(group_names, lrs)})
-                    line.update(epoch=pos["epoch"], samples_per_s=steps_since_log * per_step_samples / max(elapsed, 1e-9))
-                    metrics.write(done, line)
-                    result.last_metrics = line
-                    window, t_log, steps_since_log = {}, time.perf_counter(), 0
-                if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-                    run_eval(done)
-                # after eval, so that the saved RNG state includes whatever the evaluation drew
-                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < total:
-                    result.checkpoint = save(done)
-        if eval_fn is not None:
-            run_eval(pos["step"])
-        if result.checkpoint != run_dir / ckpt.CKPT_SUBDIR / f"step-{pos['step']:08d}":
-            result.checkpoint = save(pos["step"])
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    result.step, result.epoch = pos["step"], pos["epoch"]
-    result.wall_seconds = time.perf_counter() - t0
-    return result
+    def _start(self, start_from: Path | None) -> None:
+        if start_from is not None:
+            loaded = ckpt.load_checkpoint(start_from, **self.parts, rank=self.rank)
+            _check_resume_meta(start_from, loaded["meta"], self.meta)
+            self.pos = dict(loaded["position"])
+            log.info("resuming from %s (step %d)", start_from, self.done)
+            return
+        if (earlier := ckpt.latest_checkpoint(self.run_dir)) is not None:  # never overwrite a run by accident
+            raise UserError(
+                f"holds checkpoints of an earlier run (newest: {earlier.name}); resume it, "
+                "or use another run folder",
+                where=str(self.run_dir),
+            )
+        ckpt.seed_everything(self.cfg.seed + self.rank)
+
+    def open_progress(self, progress: bool) -> None:
+        if progress and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.done, desc="train", dynamic_ncols=True)
+
+    def data_windows(self) -> Iterable[list[Any]]:
+        """Accumulation windows of micro-batches (on the device) from the current position to the end."""
+        from accelerate.utils import send_to_device
+
+        while self.done < self.total:
+            group: list[Any] = []
+            for batch in self._epoch_loader():
+                group.append(send_to_device(batch, self.device))
+                if len(group) == self.cfg.grad_accum:
+                    yield group
+                    group = []
+                    if self.done >= self.total:
+                        return
+
+    def _epoch_loader(self) -> Iterable[Any]:
+        """The rest of the current epoch: its batches from position `pos['batch']` on."""
+        cfg, epoch = self.cfg, self.pos["epoch"]
+        batches = epoch_batches(
+            len(self.dataset),
+            epoch=epoch,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            rank=self.rank,
+            world=self.world,
+        )[: self.windows * cfg.grad_accum]
+        base = (cfg.seed * 100_003 + epoch) * 1_009 + self.rank
+        # a private generator: creating the loader must not draw from the global RNG a resume restores
+        return torch.utils.data.DataLoader(
+            _SeededItems(self.dataset, base),
+            batch_sampler=batches[self.pos["batch"] :],
+            collate_fn=self.collate_fn,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(base),
+        )
+
+    def optimizer_step(self, batches: list[Any]) -> None:
+        """Forward/backward every micro-batch, sync, clip, check, step, advance the position, log."""
+        step, cfg = self.done, self.cfg
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        values = _forward_backward(self.model, self.step_fn, batches, step, self.autocast)
+        if self.world > 1:
+            _sync_grads(self.params, self.world)
+        grad_norm = None
+        with_grad = [p for p in self.params if p.grad is not None]
+        if cfg.max_grad_norm is not None and with_grad:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, cfg.max_grad_norm))
+        values = _reduce_values(values, self.world)
+        for what, value in (("loss", values["loss"]), ("grad norm", grad_norm)):
+            if value is not None and not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"{what} is {value} at step {step} (epoch {self.pos['epoch']}); stopped before updating "
+                    f"the weights; last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'} "
+                    "(lower the lr or check the inputs)",
+                    where=str(self.run_dir),
+                    field="loss",
+                )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            _sync_buffers(self.model)
+        self.pos["step"] += 1
+        self.pos["batch"] += cfg.grad_accum
+        if self.pos["batch"] >= self.windows * cfg.grad_accum:
+            self.pos["epoch"], self.pos["batch"] = self.pos["epoch"] + 1, 0
+        self.result.step, self.result.epoch = self.done, self.pos["epoch"]
+        self._record(values, grad_norm, lrs)
+
+    def _record(self, values: dict[str, float], grad_norm: float | None, lrs: list[float]) -> None:
+        self.result.losses.append(values["loss"])
+        for k, v in [*values.items(), *([("grad_norm", grad_norm)] if grad_norm is not None else [])]:
+            self.window.setdefault(k, []).append(v)
+        self.since_log += 1
+        samples_s = self.since_log * self.samples_per_step / max(1e-9, time.perf_counter() - self.t_log)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{samples_s:.1f}")
+        if self.done % self.cfg.log_every == 0 or self.done == self.total:
+            line = {k: sum(v) / len(v) for k, v in self.window.items()}
+            line.update({f"lr/{name}": lr for name, lr in zip(self.group_names, lrs)})
+            line.update(epoch=self.pos["epoch"], samples_per_s=samples_s)
+            self.metrics.write(self.done, line)
+            self.result.last_metrics = line
+            self.window, self.t_log, self.since_log = {}, time.perf_counter(), 0
+
+    def evaluate(self, eval_fn: EvalFn) -> None:
+        values = {f"eval/{k}": float(v) for k, v in eval_fn(self.model, self.done).items()}
+        self.result.eval_metrics = values
+        self.metrics.write(self.done, values)
+        self.model.train()
+
+    def ckpt_path(self, step: int) -> Path:
+        return self.run_dir / ckpt.CKPT_SUBDIR / f"step-{step:08d}"
+
+    def save(self) -> None:
+        self.result.checkpoint = ckpt.save_checkpoint(
+            self.run_dir,
+            self.done,
+            **self.parts,
+            position=self.pos,
+            meta=self.meta,
+            rank=self.rank,
+            barrier=self.acc.wait_for_everyone,
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
 
 
 def _check_resume_meta(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
@@ -439,35 +502,14 @@ def _check_resume_meta(path: Path, saved: Mapping[str, Any], now: Mapping[str, A
             raise UserError(
                 f"checkpoint was written with {key}={saved.get(key)!r}, this run has {now.get(key)!r}; "
                 "resume with the same settings or use a fresh run folder",
-                where=str(path), field=key)
+                where=str(path),
+                field=key,
+            )
 
 
-def _epoch_loader(dataset: Any, collate_fn: Any, cfg: TrainConfig, pos: Mapping[str, int], rank: int,
-                  world: int, windows: int, device: torch.device) -> Iterable[Any]:
-    """The rest of the current epoch: its batches from position `pos['batch']` on."""
-    batches = epoch_batches(len(dataset), epoch=pos["epoch"], seed=cfg.seed, batch_size=cfg.batch_size,
-                            rank=rank, world=world)[: windows * cfg.grad_accum][pos["batch"]:]
-    base = (cfg.seed * 100_003 + pos["epoch"]) * 1_009 + rank
-    # a private generator: creating the loader must not draw from the global RNG a resume restores
-    return torch.utils.data.DataLoader(
-        _SeededItems(dataset, base), batch_sampler=batches, collate_fn=collate_fn,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(base))
-
-
-def _windows(loader: Iterable[Any], grad_accum: int, device: torch.device) -> Iterable[list[Any]]:
-    from accelerate.utils import send_to_device
-
-    group: list[Any] = []
-    for batch in loader:
-        group.append(send_to_device(batch, device))
-        if len(group) == grad_accum:
-            yield group
-            group = []
-
-
-def _forward_backward(model: nn.Module, step_fn: StepFn, batches: list[Any], step: int,
-                      autocast: Callable[[], Any]) -> dict[str, Tensor]:
+def _forward_backward(
+    model: nn.Module, step_fn: StepFn, batches: list[Any], step: int, autocast: Callable[[], Any]
+) -> dict[str, Tensor]:
     """Run step_fn on each micro-batch, backward loss / k; return the summed (detached) scalars / k."""
     sums: dict[str, Tensor] = {}
     k = len(batches)

@@ -27,7 +27,7 @@ def run_itr(args: argparse.Namespace) -> tuple[dict, str, dict]:
     title = (f"image-text retrieval: {sims.shape[0]} images x {sims.shape[1]} captions"
              + (f", mean of {args.folds} folds" if args.folds > 1 else ""))
     text = io.retrieval_table(m, "i2t", "t2i", title)
-    return m, text, {"sims": args.sims, "mapping": args.mapping or "", "folds": args.folds}
+    return m, text, {"sims": args.sims, "mapping": args.mapping, "folds": args.folds}
 
 
 def run_vtr(args: argparse.Namespace) -> tuple[dict, str, dict]:
@@ -40,7 +40,7 @@ def run_vtr(args: argparse.Namespace) -> tuple[dict, str, dict]:
         m = evaluate_vtr(sims, owner, multi_sentence=args.multi_sentence)
     title = f"video-text retrieval: {sims.shape[0]} texts x {sims.shape[1]} videos"
     text = io.retrieval_table(m, "t2v", "v2t", title)
-    return m, text, {"sims": args.sims, "mapping": args.mapping or ""}
+    return m, text, {"sims": args.sims, "mapping": args.mapping}
 
 
 def _vqa_annotations(path: str) -> list[Mapping[str, Any]]:

@@ -172,5 +172,6 @@ def write_result(path: str | Path, task: str, inputs: Mapping[str, Any],
     if not p.parent.is_dir():
         raise UserError("the output folder does not exist", where=str(p.parent), field="--out")
     payload = {"format": RESULT_FORMAT, "version": 1, "task": task,
-               "inputs": {k: str(v) for k, v in inputs.items()}, "metrics": metrics}
+               "inputs": {k: v if v is None or isinstance(v, int | float) else str(v)
+                          for k, v in inputs.items()}, "metrics": metrics}
     atomic_write_text(p, json.dumps(payload, indent=2, sort_keys=False) + "\n")

@@ -51,6 +51,12 @@ class Adapted(nn.Module):
         self.module = module
         self.adapter = adapter
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # code that reads attributes of the wrapped module keeps working
+            return getattr(self._modules["module"], name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.module(*args, **kwargs)
         if isinstance(out, tuple):
@@ -71,8 +77,14 @@ def _transformer_sites(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
         for name, child in block.named_children():
             if isinstance(child, nn.MultiheadAttention):
                 sites.append((block, name, child.embed_dim))
+            elif isinstance(child, nn.Linear):
+                sites.append((block, name, child.out_features))
             elif id(child) not in in_mha and _linears(child):
-                sites.append((block, name, _linears(child)[-1].out_features))
+                # the MLP: adapt after its last Linear (its output), leaving `mlp.c_fc` etc. in place
+                last = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.Linear)][-1]
+                parent_name, _, attr = last[0].rpartition(".")
+                parent = child.get_submodule(parent_name) if parent_name else child
+                sites.append((parent, attr, last[1].out_features))
         return sites
     for parent in block.modules():
         children = dict(parent.named_children())
@@ -89,7 +101,8 @@ def insert_adapters(backbone: Backbone, dim: int) -> list[nn.Parameter]:
         width = backbone.layer_specs[index].width
         if backbone.layer_specs[index].grid is not None and not _linears(block):
             # a CNN stage: adapt the output of each of its blocks (all have the stage's width)
-            sites = [(block, name, width) for name, _ in block.named_children()] if len(block) else []
+            blocks = block.named_children() if isinstance(block, nn.Sequential) else []
+            sites = [(block, name, width) for name, _ in blocks]
         else:
             sites = _transformer_sites(block)
             if not sites:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone
-from mdpd_vl.distill.dualpath import DualPath, FadedModel, SideKeptModel
+from mdpd_vl.distill.dualpath import DualPath, SideKeptModel
+from mdpd_vl.export import FadedModel
 from mdpd_vl.tuning.counts import count_params, unique_params
 
 TaskLoss = Callable[[Tensor], Tensor]

@@ -1,9 +1,10 @@
-"""Shared machinery of the dataset readers: options, input lookup, media checks, the bad-input report,
-the up-to-date check and the all-or-nothing atomic write of the canonical indexes.
+"""Shared machinery of the dataset readers: options, input lookup, the bad-input report, the
+up-to-date check, the all-or-nothing atomic write of the canonical indexes and the CLI plumbing
+(the media checks themselves are in `media.py`).
 
 Every reader follows the same path: `PrepRun.start` (validate options, fingerprint the inputs, return
 early when the existing indexes are up to date), read the originals and record every bad file with
-`run.bad(...)`, verify media with `verify_files`, then `run.finish(splits)` which either raises one
+`run.bad(...)`, verify media with `run.verify`, then `run.finish(splits)` which either raises one
 `BadInputError` listing everything (nothing written) or writes all split indexes at once.
 """
 
@@ -18,11 +19,11 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mdpd_vl.data.prep.media import verify_files
 from mdpd_vl.errors import UserError
 
 INDEX_FORMAT = "mdpd_vl.index"
@@ -42,6 +43,7 @@ class DatasetInfo:
     urls: Sequence[str]
 
     def where_to_get(self) -> str:
+        """One line naming where the originals are published."""
         return f"the {self.name} originals are published at: " + " ; ".join(self.urls)
 
 
@@ -54,6 +56,7 @@ class Problem:
     split: str | None = None
 
     def line(self) -> str:
+        """The problem as one indented report line."""
         return f"  [{self.split or '-'}] {self.path}: {self.reason}"
 
 
@@ -81,6 +84,7 @@ class PrepReport:
     up_to_date: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """The content of `prep_report.json`."""
         return {
             "format": "mdpd_vl.prep_report", "version": INDEX_VERSION, "dataset": self.dataset,
             "fingerprint": self.fingerprint, "splits": self.splits, "warnings": self.warnings,
@@ -193,105 +197,6 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-# ---------------------------------------------------------------------------------- media checks
-
-def check_image(path: Path) -> str | None:
-    """None if `path` is an image PIL can open, verify and decode (at reduced size); else why not."""
-    if not path.is_file():
-        return "missing"
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        # verify() reads headers only; a cheap reduced-size decode also catches truncated pixel data.
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except Exception as err:  # PIL raises many types for broken files; all mean "does not decode"
-        return f"does not decode ({type(err).__name__}: {err})"
-    return None
-
-
-def check_video(path: Path, min_frames: int = 1) -> str | None:
-    """None if `path` is a video with at least `max(1, min_frames)` decodable frames; else why not.
-    PyAV is used when installed, decord otherwise."""
-    if not path.is_file():
-        return "missing"
-    need = max(1, int(min_frames))
-    try:
-        n = _count_frames_av(path, need)
-    except ImportError:
-        n = _count_frames_decord(path, need)
-    except Exception as err:  # any container/codec error means the file does not decode
-        return f"does not decode ({type(err).__name__}: {err})"
-    if isinstance(n, str):
-        return n
-    if n == 0:
-        return "has no decodable video frame"
-    if n < need:
-        return f"has {n} frames, fewer than min_frames={need}"
-    return None
-
-
-def _count_frames_av(path: Path, need: int) -> int | str:
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            return "has no video stream"
-        n = 0
-        for _ in container.decode(video=0):
-            n += 1
-            if n >= need:  # stop early: decoding whole videos would make prep slow
-                break
-        return n
-
-
-def _count_frames_decord(path: Path, need: int) -> int | str:
-    try:
-        import decord
-    except ImportError:
-        raise UserError("checking videos needs PyAV or decord: pip install av") from None
-    try:
-        reader = decord.VideoReader(str(path))
-        if len(reader) > 0:
-            reader[0]
-        return len(reader)
-    except Exception as err:
-        return f"does not decode ({type(err).__name__}: {err})"
-
-
-def check_features(path: Path, rows: int) -> str | None:
-    """None if `path` is a 3-D .npy array (images x regions x dim) with `rows` rows; else why not."""
-    if not path.is_file():
-        return "missing"
-    import numpy as np
-
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as err:
-        return f"does not load ({type(err).__name__}: {err})"
-    if arr.ndim != 3:
-        return f"has shape {tuple(arr.shape)}, expected (images, regions, dim)"
-    if arr.shape[0] != rows:
-        return f"has {arr.shape[0]} rows, the ids file lists {rows}"
-    return None
-
-
-def verify_files(checks: Mapping[Path, Callable[[], str | None]], workers: int) -> dict[Path, str]:
-    """Run each file's check once (threads: the work is file I/O and C decoders); the bad ones."""
-    paths = list(checks)
-    if not paths:
-        return {}
-    if workers <= 1 or len(paths) < 8:
-        results = [checks[p]() for p in paths]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda p: checks[p](), paths, chunksize=16))
-    return {p: r for p, r in zip(paths, results) if r is not None}
-
-
 # ------------------------------------------------------------------------------ fingerprint + write
 
 def fingerprint(dataset: str, code_version: int, inputs: Iterable[Path], media_dirs: Iterable[Path],
@@ -383,18 +288,15 @@ class PrepRun:
         return run
 
     def _existing_is_current(self) -> bool:
+        # Only indexes carrying the current fingerprint count; older ones of other splits may sit beside them.
         headers = {}
         for path in sorted(self.out.glob("*.index.json")) if self.out.is_dir() else []:
             head = _load_header(path)
-            if head and head.get("format") == INDEX_FORMAT and head.get("dataset") == self.name:
+            if (head and head.get("format") == INDEX_FORMAT and head.get("dataset") == self.name
+                    and head.get("version") == INDEX_VERSION and head.get("fingerprint") == self.report.fingerprint):
                 headers[head.get("split")] = head
-        if not headers:
-            return False
-        expected = next(iter(headers.values())).get("splits") or []
-        return bool(expected) and all(
-            s in headers and headers[s].get("version") == INDEX_VERSION
-            and headers[s].get("fingerprint") == self.report.fingerprint
-            and headers[s].get("splits") == expected for s in expected)
+        expected = next(iter(headers.values())).get("splits") if headers else None
+        return bool(expected) and all(s in headers and headers[s].get("splits") == expected for s in expected)
 
     def bad(self, path: Path | str, reason: str, split: str | None = None) -> None:
         """Record one bad input; all of them are reported together by `finish`."""
@@ -435,7 +337,7 @@ class PrepRun:
                 report.warnings.append(warning)
         for warning in report.warnings:
             say(f"warning: {self.name}: {warning}")
-        self._write(splits, extra_files or {})
+        self._write(splits, extra_files or {}, empty)
         return report
 
     def _count_warning(self, splits: list[SplitIndex]) -> str | None:
@@ -449,7 +351,7 @@ class PrepRun:
             return None
         return f"split sizes differ from the official release ({'; '.join(diffs)} {self.info.unit})"
 
-    def _write(self, splits: list[SplitIndex], extra_files: Mapping[str, Any]) -> None:
+    def _write(self, splits: list[SplitIndex], extra_files: Mapping[str, Any], emptied: list[str]) -> None:
         report, names = self.report, [s.split for s in splits]
         files: dict[str, Any] = dict(extra_files)
         for s in splits:
@@ -462,16 +364,17 @@ class PrepRun:
         if self.skip_bad:
             files[REPORT_NAME] = report.to_json()
         commit_files(self.out, files)
-        self._remove_stale(names)
+        self._remove_stale(emptied)
         summary = ", ".join(f"{s} ({n:,} items)" for s, n in report.splits.items())
         print(f"{self.name}: wrote {summary} to {self.out}")
 
-    def _remove_stale(self, names: list[str]) -> None:
-        # Indexes of this dataset from an earlier run whose splits no longer exist would mislead loaders.
-        for path in self.out.glob("*.index.json"):
-            head = _load_header(path)
-            if head and head.get("dataset") == self.name and head.get("split") not in names:
-                path.unlink()
+    def _remove_stale(self, emptied: list[str]) -> None:
+        # A split this run read but left empty must not keep an older index that loaders would pick up;
+        # splits this run did not read (e.g. not in `splits`) are left alone.
+        for split in emptied:
+            head = _load_header(self.out / f"{split}.index.json")
+            if head and head.get("dataset") == self.name:
+                (self.out / f"{split}.index.json").unlink()
         report = self.out / REPORT_NAME
         if not self.skip_bad and report.is_file():
             head = _load_header(report)

@@ -4,7 +4,8 @@ Layout (`--raw DIR`): `DIR/{train,val,testdev,test,challenge}_balanced_questions
 `questions/`); images `DIR/images/{imageId}.jpg` (or `--image-dir`). By default every split whose file
 is present. `test` and `challenge` have no answers (`answer` is null there). The answer vocabulary is
 an existing `trainval_ans2label.json` (`vocab`) or every answer of the train and val splits seen at
-least `min_count` times; it is written as `<out>/ans2label.json` together with the indexes.
+least `min_count` times; it is written as `<out>/ans2label.json` together with the indexes (not when
+only test splits are prepared without one).
 Answers are kept verbatim: official GQA accuracy is exact match without normalisation.
 """
 
@@ -19,13 +20,13 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_image,
     expect,
     find_input,
     first_dir,
     parse_options,
     read_json,
 )
+from mdpd_vl.data.prep.media import check_image
 from mdpd_vl.data.prep.vqav2 import VOCAB_FILE, build_vocab, load_vocab, pick_splits, vocab_file
 from mdpd_vl.errors import UserError
 
@@ -59,19 +60,20 @@ def prepare(raw: Path, out: Path, *, force: bool = False, skip_bad: bool = False
         return run.report
 
     items = {s: _items(s, files[s], run) for s in splits}  # type: ignore[arg-type]
+    ans2label: dict[str, int] = {}
     if vocab_path:
         ans2label = load_vocab(vocab_path)
-    else:
+    elif any(s in ANSWERED for s in splits):  # test splits alone: no vocabulary is written
         source = [s for s in splits if s in ("train", "val")] or [s for s in splits if s in ANSWERED]
         counts = Counter(it["answer"] for s in source for it in items[s])
-        ans2label = build_vocab(counts, int(opts["min_count"])) if counts else {}
+        ans2label = build_vocab(counts, int(opts["min_count"]))
     used: dict[Path, set[str]] = {}
     for split, its in items.items():
         for it in its:
             used.setdefault(image_dir / it["image"], set()).add(split)
     bad = run.verify(used, check_image)
     return run.finish([SplitIndex(s, "gqa", image_dir, [it for it in its if image_dir / it["image"] not in bad])
-                       for s, its in items.items()], extra_files={VOCAB_FILE: ans2label})
+                       for s, its in items.items()], extra_files={VOCAB_FILE: ans2label} if ans2label else None)
 
 
 def _items(split: str, path: Path, run: PrepRun) -> list[dict[str, Any]]:

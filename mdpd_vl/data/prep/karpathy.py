@@ -24,8 +24,6 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_features,
-    check_image,
     choose,
     expect,
     find_input,
@@ -33,6 +31,7 @@ from mdpd_vl.data.prep.common import (
     parse_options,
     read_json,
 )
+from mdpd_vl.data.prep.media import check_features, check_image
 from mdpd_vl.errors import UserError
 
 CODE_VERSION = 1
@@ -188,25 +187,25 @@ def _prepare_precomp(raw: Path, out: Path, dataset: str, opts: dict[str, Any], f
     inputs = [pre / f"{s}_caps.txt" for s in names] + [p for p in ids_files.values() if p]
     media_dirs: list[Path] = []
     id_to_path: dict[str, Any] = {}
+    mapping, image_root = None, pre
     if features == "regions":
         inputs += [p for p in npys.values() if p.is_file()]
     else:
         mapping = find_input(raw, ["id_mapping.json"], info, ("", "precomp"))
-        assert mapping is not None
-        inputs.append(mapping)
         image_root = first_dir(raw, IMAGE_DIRS[dataset][:-1], opts["image_root"], info, "image")
+        inputs.append(mapping)  # type: ignore[arg-type]
         media_dirs.append(image_root)
     run = PrepRun.start(info, raw, out, opts, force=force, skip_bad=skip_bad, code_version=CODE_VERSION,
                         inputs=inputs, media_dirs=media_dirs)
     if run.report.up_to_date:
         return run.report
-    if features == "images":
+    if mapping is not None:
         id_to_path = read_json(mapping, info)
         expect(isinstance(id_to_path, dict), "expected {\"id\": \"image path\"}", mapping)
     splits = []
     for split in names:
         groups = _precomp_groups(pre, split, ids_files[split], run)  # type: ignore[arg-type]
-        if features == "regions":
+        if mapping is None:
             splits.append(_region_split(pre, split, groups, run))
         else:
             splits.append(_image_split(image_root, mapping, split, groups, id_to_path, run))

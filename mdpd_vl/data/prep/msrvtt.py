@@ -22,7 +22,6 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_video,
     choose,
     expect,
     find_input,
@@ -31,6 +30,7 @@ from mdpd_vl.data.prep.common import (
     read_csv,
     read_json,
 )
+from mdpd_vl.data.prep.media import check_video
 from mdpd_vl.errors import UserError
 
 CODE_VERSION = 1

@@ -23,12 +23,12 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_video,
     find_input,
     first_dir,
     parse_options,
     read_lines,
 )
+from mdpd_vl.data.prep.media import check_video
 from mdpd_vl.errors import UserError
 
 CODE_VERSION = 1

@@ -27,7 +27,6 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_image,
     choose,
     expect,
     find_input,
@@ -35,6 +34,7 @@ from mdpd_vl.data.prep.common import (
     parse_options,
     read_json,
 )
+from mdpd_vl.data.prep.media import check_image
 from mdpd_vl.errors import UserError
 
 CODE_VERSION = 1

@@ -12,7 +12,7 @@ the official leave-one-out accuracy, 0.3 / 0.6 / 0.9 / 1.0 for m = 1 / 2 / 3 / >
 labels). Only answers in the vocabulary are kept in `answers`; `raw_answers` keeps all ten. The
 vocabulary is an existing `trainval_ans2label.json` (`vocab`) or every normalised
 `multiple_choice_answer` seen in at least `min_count` annotated questions; it is written as
-`<out>/ans2label.json` together with the indexes.
+`<out>/ans2label.json` together with the indexes (not when only test splits are prepared without one).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from mdpd_vl.data.prep.common import (
     PrepReport,
     PrepRun,
     SplitIndex,
-    check_image,
     expect,
     find_input,
     parse_options,
     read_json,
 )
+from mdpd_vl.data.prep.media import check_image
 from mdpd_vl.errors import UserError
 
 CODE_VERSION = 1
@@ -71,9 +71,10 @@ def prepare(raw: Path, out: Path, *, force: bool = False, skip_bad: bool = False
     from mdpd_vl.eval.vqa import normalize_answer  # the official normalisation, shared with the evaluator
 
     records = {s: _records(s, q_files[s], a_files.get(s), run) for s in splits}  # type: ignore[arg-type]
+    ans2label: dict[str, int] = {}
     if vocab_path:
         ans2label = load_vocab(vocab_path)
-    else:
+    elif a_files:  # test splits alone: no answers to build a vocabulary from, so none is written
         counts = Counter(normalize_answer(ann["multiple_choice_answer"]) for recs in records.values()
                          for _, ann in recs if ann is not None and isinstance(ann.get("multiple_choice_answer"), str))
         ans2label = build_vocab(counts, int(opts["min_count"]))
@@ -88,7 +89,7 @@ def prepare(raw: Path, out: Path, *, force: bool = False, skip_bad: bool = False
             items[split].append(_item(q, ann, rel, ans2label, normalize_answer))
     bad = run.verify(used, check_image)
     return run.finish([SplitIndex(s, "vqa", image_dir, [it for it in its if image_dir / it["image"] not in bad])
-                       for s, its in items.items()], extra_files={VOCAB_FILE: ans2label})
+                       for s, its in items.items()], extra_files={VOCAB_FILE: ans2label} if ans2label else None)
 
 
 def soft_score(matches: int, total: int = 10) -> float:

@@ -1,0 +1,206 @@
+"""Every tuning method on the three backbone families: one training step, frozen tensors stay
+bit-identical, and trainable / inference counts equal counts computed here from the architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BERT_CFG, BUILDERS, VIT_CFG, make_input
+from torch import nn
+
+from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.distill import Bottleneck, GenerationBlock
+from mdpd_vl.errors import UserError
+from mdpd_vl.heads.pooling import GAPLinear
+from mdpd_vl.side import build_side
+from mdpd_vl.tuning import METHODS, MethodConfig, apply_method
+
+CLASSES = 5
+LORA_R, ADAPTER_DIM, D = 2, 4, 4
+ALL_METHODS = ["linear", "full", "partial", "bitfit", "lora", "adapter", "unipt", "sherl", "lst", "mdpd"]
+
+
+def head(width: int) -> int:
+    return (width + 1) * CLASSES
+
+
+def numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def transformer_dims(family: str) -> tuple[int, int, int]:
+    """(layers, width D, MLP width H) from the test configs."""
+    if family == "vit":
+        return VIT_CFG["layers"], VIT_CFG["width"], int(VIT_CFG["width"] * VIT_CFG["mlp_ratio"])
+    return BERT_CFG["num_hidden_layers"], BERT_CFG["hidden_size"], BERT_CFG["intermediate_size"]
+
+
+def cnn_modules(backbone: Backbone, kind: type) -> list[nn.Module]:
+    return [m for block in backbone.blocks for m in block.modules() if isinstance(m, kind)]
+
+
+def expected_counts(family: str, method: str, backbone: Backbone, cfg: MethodConfig) -> tuple[int, int]:
+    """(trainable, inference) parameter counts, from the architecture, computed before the method."""
+    total = numel(backbone)
+    out = head(backbone.widths[-1])
+    if family != "cnn":
+        layers, width, mlp = transformer_dims(family)
+        norms = layers * 2 * 2 * width  # two LayerNorms (scale + shift) per block
+        biases = layers * (7 * width + mlp)
+        if family == "vit":  # packed q/k/v (in_proj) + c_fc + c_proj
+            lora = layers * LORA_R * ((width + 3 * width) + (width + mlp) + (mlp + width))
+        else:  # query, key, value, attention output + intermediate + output
+            lora = layers * LORA_R * (4 * 2 * width + (width + mlp) + (mlp + width))
+        adapters = layers * 2 * (2 * width * ADAPTER_DIM + ADAPTER_DIM + width)
+    else:
+        bns = cnn_modules(backbone, nn.BatchNorm2d)
+        convs = [c for c in cnn_modules(backbone, nn.Conv2d) if c.groups == 1]
+        norms = sum(2 * m.num_features for m in bns)
+        biases = sum(m.num_features for m in bns)  # timm ResNet convs have no bias
+        assert all(c.bias is None for c in convs)
+        lora = sum(LORA_R * (c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels) for c in convs)
+        adapters = 0
+        for stage, spec in zip(backbone.blocks, backbone.layer_specs):
+            a = min(ADAPTER_DIM, spec.width)
+            adapters += len(stage) * (2 * spec.width * a + a + spec.width)
+    if method in ("unipt", "sherl", "lst", "mdpd"):
+        name = method if method != "mdpd" else cfg.side_network
+        torch.manual_seed(0)
+        side = build_side(name, backbone.layer_specs, cfg.side_config(), backbone=backbone)
+        side_params = numel(side) + head(side.out_width)
+        if method != "mdpd":
+            return side_params, total + side_params
+        layers_n = backbone.num_layers
+        n_shallow = layers_n // 2
+        distill = sum(Bottleneck.num_params(side.layer_widths[i], D, backbone.widths[i]) for i in range(layers_n))
+        deep = range(n_shallow, layers_n)
+        distill += sum(
+            GenerationBlock.num_params(backbone.widths[i], D, text=backbone.layer_specs[i].grid is None)
+            for i in deep
+        )
+        distill += sum({backbone.widths[i] for i in deep})  # one mask token per deep width
+        return side_params + distill + out + norms, total + out
+    table = {
+        "linear": (out, total + out),
+        "full": (total + out, total + out),
+        "partial": (norms + out, total + out),
+        "bitfit": (biases + out, total + out),
+        "lora": (lora + out, total + lora + out),
+        "adapter": (adapters + out, total + adapters + out),
+    }
+    return table[method]
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_method_trains_only_its_parameters_with_analytic_counts(method: str, family: str) -> None:
+    torch.manual_seed(0)
+    backbone = BUILDERS[family]()
+    cfg = MethodConfig(name=method, lora_r=LORA_R, adapter_dim=ADAPTER_DIM, distill={"d": D})
+    trainable, inference = expected_counts(family, method, backbone, cfg)
+    torch.manual_seed(0)
+    tuned = apply_method(backbone, lambda w: GAPLinear(w, CLASSES), cfg)
+    assert tuned.trainable_params == trainable
+    assert tuned.inference_params == inference
+
+    groups = tuned.param_groups()
+    trained = {id(p) for g in groups.values() for p in g}
+    for name, p in tuned.named_parameters():
+        assert p.requires_grad == (id(p) in trained), name
+    names = {id(p): n for n, p in tuned.named_parameters()}
+    before = snapshot(tuned)
+    opt = torch.optim.AdamW(tuned.optimizer_groups(), lr=1e-2, weight_decay=0.1)
+    tuned.train()
+    x = make_input(backbone)
+    labels = torch.arange(4) % CLASSES
+    for _ in range(2):  # two steps: LoRA's A only moves once B is non-zero
+        opt.zero_grad(set_to_none=True)
+        _, losses = tuned.train_forward(x, lambda y: F.cross_entropy(y, labels))
+        sum(losses.values()).backward()
+        opt.step()
+    after = snapshot(tuned)
+    trained_names = {f"param:{names[i]}" for i in trained}
+    frozen = [k for k in before if k not in trained_names]
+    changed = [k for k in frozen if not torch.equal(before[k], after[k])]
+    if method == "full":  # BatchNorm statistics (and the step counters) of full fine-tuning may move
+        changed = [k for k in changed if not k.startswith("buffer:")]
+    assert changed == [], changed
+    moved = [k for k in trained_names if not torch.equal(before[k], after[k])]
+    assert moved, "nothing trained"
+    head_names = [f"param:{names[id(p)]}" for g in ("head", "side_head") for p in groups.get(g, [])]
+    assert all(k in moved for k in head_names)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
+def test_lora_and_adapter_start_as_the_plain_backbone(method: str, family: str) -> None:
+    torch.manual_seed(0)
+    backbone = BUILDERS[family]()
+    x = make_input(backbone)
+    backbone.eval()
+    with torch.no_grad():
+        ref = backbone.features(x)[-1]
+    tuned = apply_method(backbone, lambda w: GAPLinear(w, CLASSES), MethodConfig(name=method, lora_r=2))
+    tuned.eval()
+    with torch.no_grad():
+        assert torch.allclose(tuned.backbone.features(x)[-1], ref, atol=1e-5)
+
+
+def test_linear_and_side_kept_run_the_backbone_without_grad() -> None:
+    for method in ("linear", "unipt"):
+        backbone = BUILDERS["vit"]()
+        tuned = apply_method(backbone, lambda w: GAPLinear(w, CLASSES), MethodConfig(name=method))
+        tuned.train()
+        y, _ = tuned.train_forward(make_input(backbone))
+        y.sum().backward()
+        assert all(p.grad is None for p in backbone.parameters())
+        assert not any(m.training for m in backbone.modules())
+
+
+def test_mdpd_deploys_the_faded_model() -> None:
+    backbone = BUILDERS["bert"]()
+    tuned = apply_method(backbone, lambda w: GAPLinear(w, CLASSES), MethodConfig(name="mdpd", distill={"d": 4}))
+    deployed = tuned.deployed().eval()
+    tuned.eval()
+    x = make_input(backbone)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), tuned.core(x).y_backbone, atol=1e-6)
+    assert [g["name"] for g in tuned.optimizer_groups({"backbone_norms": 1e-3})] == [
+        "side", "distill", "side_head", "backbone_head", "backbone_norms"
+    ]
+
+
+def test_unknown_method_lists_the_valid_ones() -> None:
+    with pytest.raises(UserError, match="name.*unknown tuning method 'prompt'.*adapter, bitfit"):
+        MethodConfig(name="prompt")
+    assert METHODS.names() == sorted(ALL_METHODS)
+    cfg = MethodConfig()
+    cfg.name = "prompt"
+    with pytest.raises(UserError, match="method.name"):
+        apply_method(BUILDERS["cnn"](), lambda w: GAPLinear(w, 2), cfg)
+
+
+def test_method_config_loads_with_overrides_and_names_bad_fields(tmp_path) -> None:
+    from mdpd_vl.engine.config import load_config
+
+    cfg = load_config(MethodConfig, overrides=["name=lora", "lora_r=4", "distill.logits=relational"])
+    assert cfg.name == "lora" and cfg.lora_r == 4 and cfg.distill.logits == "relational"
+    with pytest.raises(UserError, match=r"distill\.mask_ratio"):
+        load_config(MethodConfig, overrides=["distill.mask_ratio=1.5"])
+    with pytest.raises(UserError, match="lora_r"):
+        load_config(MethodConfig, overrides=["lora_r=0"])
+
+
+def test_backbone_without_layers_is_refused() -> None:
+    class NoLayers(Backbone):
+        pass
+
+    with pytest.raises(UserError, match="backbone.*no layers"):
+        apply_method(NoLayers(), lambda w: GAPLinear(w, 2), MethodConfig(name="linear"))
