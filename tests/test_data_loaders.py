@@ -126,6 +126,23 @@ def test_corrupt_image_is_skipped_and_counted(root, tmp_path):
         ImageTextPairs(data, clip_transform(SIZE))[0]
 
 
+def test_transform_bugs_are_not_skipped_and_regions_load(root, tmp_path):
+    def broken(img):
+        raise ValueError("a bug in the transform")
+
+    with pytest.raises(ValueError, match="a bug"):  # only unreadable media are skipped, never bugs
+        ImageTextPairs(index(root, "itr", "val"), broken)[0]
+    np.save(tmp_path / "val_ims.npy", np.arange(3 * 4 * 8, dtype=np.float32).reshape(3, 4, 8))
+    items = [{"feature_file": "val_ims.npy", "row": r, "image_id": r, "captions": ["a b", "c"]} for r in range(3)]
+    regions = {"format": "mdpd_vl.index", "version": 1, "kind": "image_region", "media_root": str(tmp_path),
+               "items": items + [{**items[0], "feature_file": "absent.npy"}]}
+    ds = ImageTextPairs(regions, per="image")
+    b = Collator(tokenize)([ds[i] for i in range(3)])
+    assert b["regions"].shape == (3, 4, 8) and b["regions"][2, 0, 0] == 2 * 4 * 8 and b["region_mask"].all()
+    with pytest.warns(UserWarning, match="absent.npy"):
+        assert ds[3]["image_index"] == 0 and ds.skipped == 1
+
+
 def test_load_index_errors_name_the_file(root, tmp_path):
     good = json.loads(index(root, "itr", "val").read_text())
     cases = {

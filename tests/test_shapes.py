@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from mdpd_vl.data.shapes_text import (
 from mdpd_vl.errors import UserError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
+CLI = Path(__file__).resolve().parents[1] / "data_prep" / "shapes.py"
 KINDS = {"itr": "image_text", "msrvtt": "video_text", "msvd": "video_text", "vqa": "vqa", "gqa": "gqa",
          "refcoco": "grounding"}
 
@@ -145,11 +149,14 @@ def test_same_seed_same_bytes_and_rerun_is_a_noop(world, tmp_path, capsys):
     import importlib.util
 
     root, _ = world
-    spec = importlib.util.spec_from_file_location("shapes_cli", Path(__file__).parents[1] / "data_prep/shapes.py")
+    spec = importlib.util.spec_from_file_location("shapes_cli", CLI)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     other = tmp_path / "again"
-    assert cli.main(["--out", str(other), "--scale", "tiny", "--seed", "0"]) == 0
+    # another process: encoders that depend on memory layout (libx264 does) would show up here
+    done = subprocess.run([sys.executable, str(CLI), "--out", str(other), "--scale", "tiny", "--seed", "0"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
     for pattern in ("*.jpg", "*.mp4", "*.json", "*.csv", "*.txt", "*.p", "*.pkl"):
         a, b = _digest(root / W.RAW_DIR, pattern), _digest(other / W.RAW_DIR, pattern)
         assert a == b and a, pattern

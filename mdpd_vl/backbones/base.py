@@ -26,6 +26,18 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+@dataclass
+class Precomputed:
+    """Per-layer features computed earlier (the frozen-feature cache): `features()` returns them as
+    they are and `padding_mask()` returns `mask`, so every method runs unchanged on cached inputs."""
+
+    layers: list[Tensor]
+    mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.layers[0].shape[0]
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """Layout of one layer's tokens: width D, spatial grid of the non-prefix tokens, prefix count."""
@@ -119,6 +131,8 @@ class Backbone(nn.Module):
 
     def features(self, x: Any) -> list[Tensor]:
         """Per-layer token features `[b_1, ..., b_L]`, each `B x N_l x D_l`."""
+        if isinstance(x, Precomputed):
+            return list(x.layers)
         self._store.clear()
         self._run(x)
         missing = [i for i in range(len(self._hooks)) if i not in self._store]
@@ -130,7 +144,7 @@ class Backbone(nn.Module):
 
     def padding_mask(self, x: Any) -> Tensor | None:
         """`B x N` bool mask of valid tokens for sequence inputs; None when every token is valid."""
-        return None
+        return x.mask if isinstance(x, Precomputed) else None
 
     def output(self, x: Any) -> Tensor:
         """The wrapped model's own output (embedding, pooled features or logits)."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mdpd_vl.backbones.base import Backbone, LayerSpec
+from mdpd_vl.backbones.base import Backbone, LayerSpec, Precomputed
 from mdpd_vl.errors import UserError
 
 # dual-encoder model_type -> (text tower class, vision tower class) in transformers
@@ -146,6 +146,8 @@ class HFText(Backbone):
         return self.model(**{k: x[k] for k in self._input_keys if k in x})
 
     def padding_mask(self, x: dict[str, Tensor]) -> Tensor:
+        if isinstance(x, Precomputed):
+            return x.mask
         if "attention_mask" in x:
             return x["attention_mask"].bool()
         return torch.ones_like(x["input_ids"], dtype=torch.bool)

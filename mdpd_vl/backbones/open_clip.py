@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mdpd_vl.backbones.base import Backbone, LayerSpec
+from mdpd_vl.backbones.base import Backbone, LayerSpec, Precomputed
 from mdpd_vl.backbones.timm import MapGridMixin, timm_layer_modules, token_grid
 from mdpd_vl.errors import UserError
 
@@ -221,6 +221,8 @@ class OpenClipText(Backbone):
 
     def padding_mask(self, x: Any) -> Tensor:
         """Valid tokens: the given attention mask, else every token up to the last non-pad id."""
+        if isinstance(x, Precomputed):
+            return x.mask
         if isinstance(x, dict) and "attention_mask" in x:
             return x["attention_mask"].bool()
         return _valid_prefix(self._ids(x), int(getattr(self.model, "pad_id", 0)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mdpd_vl.errors import UserError
@@ -21,42 +21,78 @@ class DistillConfig:
     sense against sum-reduced losses, whose magnitude grows with N x D.
     """
 
-    d: int = 64
-    """bottleneck width of phi (M_down: D_S x d, M_up: d x D_B); must not exceed any D_S or D_B."""
-    gen_hidden: int | None = None
-    """hidden channels of the generation block G (Conv3x3 -> ReLU -> Conv3x3); None = d."""
-    mask_ratio: float = 0.5
-    """lambda: probability that a token of a deep layer is replaced by the mask token; in [0, 1)."""
-    split: float = 0.5
-    """fraction of the feature layers (shallowest first) that imitate; the rest generate."""
-    feature_layers: str | list[int] = "all"
-    """'all' or 0-based indices into the backbone's layers b_1..b_L that get feature distillation."""
-    logits: str = "mse"
-    """logits objective: 'mse' (paper eq. 3), 'relational' (in-batch similarity KL) or 'none'."""
-    temperature: float = 0.1
-    """temperature T of the relational objective's softmax(y y^T / T) over L2-normalised outputs."""
-    task_on_backbone: bool = False
-    """also apply the task loss to the backbone path y_B (not in the paper; see issue 7)."""
-    ema_teacher: float | None = None
-    """decay of an EMA copy of side network + side head used as the logits teacher; None = live side."""
-    task_weight: float = 1.0
-    """weight of the task loss(es) (supplementary B: 1)."""
-    logits_weight: float = 1e-4
-    """weight of the logits distillation loss (supplementary B: 1e-4, for a sum-reduced loss)."""
-    deep_weight: float = 6e-5
-    """weight of the deep-layer masked generation loss (supplementary B: 6e-5, sum-reduced)."""
-    shallow_weight: float = 4e-5
-    """weight of the shallow-layer imitation loss (supplementary B: 4e-5, sum-reduced)."""
-    backbone_trainable: str = "norms_all"
-    """which backbone tensors train: 'head' (W_B only), 'norms_last_k', 'norms_all' (paper)."""
-    last_k: int = 1
-    """number of deepest backbone blocks whose norms train when backbone_trainable=norms_last_k."""
-    checkpointing: bool = False
-    """activation checkpointing of the backbone blocks (recompute in backward, saves memory)."""
-    schedule: str = "joint"
-    """'joint' (all losses every step) or 'alternate' (even steps side path, odd steps backbone path)."""
-    seed: int = 0
-    """seed of the mask generator (the mask of step t is drawn from seed and t, so resume is exact)."""
+    d: int = field(
+        default=64,
+        metadata={"help": 'bottleneck width of phi (M_down: D_S x d, M_up: d x D_B); must not exceed any D_S or D_B.'},
+    )
+    gen_hidden: int | None = field(
+        default=None,
+        metadata={"help": 'hidden channels of the generation block G (Conv3x3 -> ReLU -> Conv3x3); None = d.'},
+    )
+    mask_ratio: float = field(
+        default=0.5,
+        metadata={"help": 'lambda: probability that a token of a deep layer is replaced by the mask token; in [0, 1).'},
+    )
+    split: float = field(
+        default=0.5,
+        metadata={"help": 'fraction of the feature layers (shallowest first) that imitate; the rest generate.'},
+    )
+    feature_layers: str | list[int] = field(
+        default="all",
+        metadata={"help": "'all' or 0-based indices into the backbone's layers b_1..b_L that get feature distillation."},
+    )
+    logits: str = field(
+        default="mse",
+        metadata={"help": "logits objective: 'mse' (paper eq. 3), 'relational' (in-batch similarity KL) or 'none'."},
+    )
+    temperature: float = field(
+        default=0.1,
+        metadata={"help": "temperature T of the relational objective's softmax(y y^T / T) over L2-normalised outputs."},
+    )
+    task_on_backbone: bool = field(
+        default=False,
+        metadata={"help": 'also apply the task loss to the backbone path y_B (not in the paper; see issue 7).'},
+    )
+    ema_teacher: float | None = field(
+        default=None,
+        metadata={"help": 'decay of an EMA copy of side network + side head used as the logits teacher; None = live side.'},
+    )
+    task_weight: float = field(
+        default=1.0,
+        metadata={"help": 'weight of the task loss(es) (supplementary B: 1).'},
+    )
+    logits_weight: float = field(
+        default=1e-4,
+        metadata={"help": 'weight of the logits distillation loss (supplementary B: 1e-4, for a sum-reduced loss).'},
+    )
+    deep_weight: float = field(
+        default=6e-5,
+        metadata={"help": 'weight of the deep-layer masked generation loss (supplementary B: 6e-5, sum-reduced).'},
+    )
+    shallow_weight: float = field(
+        default=4e-5,
+        metadata={"help": 'weight of the shallow-layer imitation loss (supplementary B: 4e-5, sum-reduced).'},
+    )
+    backbone_trainable: str = field(
+        default="norms_all",
+        metadata={"help": "which backbone tensors train: 'head' (W_B only), 'norms_last_k', 'norms_all' (paper)."},
+    )
+    last_k: int = field(
+        default=1,
+        metadata={"help": 'number of deepest backbone blocks whose norms train when backbone_trainable=norms_last_k.'},
+    )
+    checkpointing: bool = field(
+        default=False,
+        metadata={"help": 'activation checkpointing of the backbone blocks (recompute in backward, saves memory).'},
+    )
+    schedule: str = field(
+        default="joint",
+        metadata={"help": "'joint' (all losses every step) or 'alternate' (even steps side path, odd steps backbone path)."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": 'seed of the mask generator (the mask of step t is drawn from seed and t, so resume is exact).'},
+    )
 
     def __post_init__(self) -> None:
         self.validate()

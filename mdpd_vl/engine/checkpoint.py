@@ -267,13 +267,18 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    check_meta: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Restore model tensors, optimizer, scheduler and this rank's RNG; return position and meta."""
+    """Restore model tensors, optimizer, scheduler and this rank's RNG; return position and meta.
+
+    Everything is validated (`check_meta(meta)`, names, shapes) before anything is modified."""
     from safetensors.torch import load_file
 
     state = _read(path / "state.pt")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError("not an mdpd_vl checkpoint", where=str(path / "state.pt"))
+    if check_meta is not None:
+        check_meta(state["meta"])
     weights_file = path / "model.safetensors"
     try:
         saved = load_file(str(weights_file))
@@ -286,17 +291,18 @@ def load_checkpoint(
             f"does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}",
             where=str(weights_file),
         )
+    for name, tensor in saved.items():
+        if targets[name].shape != tensor.shape:
+            raise UserError(
+                f"shape {tuple(tensor.shape)} != model {tuple(targets[name].shape)}",
+                where=str(weights_file),
+                field=name,
+            )
+    rng = _read(path / f"rng-{rank}.pt")
     with torch.no_grad():
         for name, tensor in saved.items():
-            if targets[name].shape != tensor.shape:
-                raise UserError(
-                    f"shape {tuple(tensor.shape)} != model {tuple(targets[name].shape)}",
-                    where=str(weights_file),
-                    field=name,
-                )
             targets[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / f"rng-{rank}.pt"
-    set_rng_state(_read(rng_file))
+    set_rng_state(rng)
     return {"position": state["position"], "meta": state["meta"]}

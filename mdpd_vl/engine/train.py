@@ -50,7 +50,8 @@ _GROUP_KEYS = {"name", "params", "lr", "weight_decay", "betas", "eps"}
 
 
 class NonFiniteLossError(UserError):
-    """The loss (or the gradient norm) became NaN/inf; the run stopped before updating the weights."""
+    """The loss (or the gradient norm) became NaN/inf; the run stopped before updating the weights.
+    Its message names the step as passed to step_fn (0-based) and the last good checkpoint."""
 
 
 @dataclass
@@ -363,8 +364,8 @@ class _Run:
 
     def _start(self, start_from: Path | None) -> None:
         if start_from is not None:
-            loaded = ckpt.load_checkpoint(start_from, **self.parts, rank=self.rank)
-            _check_resume_meta(start_from, loaded["meta"], self.meta)
+            check = partial(_check_resume_meta, start_from, now=self.meta)
+            loaded = ckpt.load_checkpoint(start_from, **self.parts, rank=self.rank, check_meta=check)
             self.pos = dict(loaded["position"])
             log.info("resuming from %s (step %d)", start_from, self.done)
             return

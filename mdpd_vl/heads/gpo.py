@@ -78,6 +78,11 @@ class VSEHead(nn.Module):
         )
         self.token_drop = token_drop
         self.gpo = GPO()
+        self._kwargs = {"in_width": in_width, "embed_dim": embed_dim, "mlp": mlp, "token_drop": token_drop}
+
+    def spec(self) -> dict:
+        """Recipe for `mdpd_vl.export`: rebuilds this head (weights travel separately)."""
+        return {"target": "mdpd_vl.heads.gpo:VSEHead", "kwargs": dict(self._kwargs)}
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         x = self.fc(tokens)

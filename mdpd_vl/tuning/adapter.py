@@ -1,11 +1,10 @@
 """Houlsby-style adapters (peft has none): x + up(GELU(down(x))), inserted by module replacement.
 
 Where they go, found by module type in each backbone block:
-- blocks with an `nn.MultiheadAttention` (open_clip towers): after the attention and after the MLP
-  (the block's child that holds Linear layers), i.e. before each residual addition;
-- post-LN transformers (BERT, MiniLM, RoBERTa): after the output projection of the attention and
-  of the MLP (the single Linear that sits next to a norm in `...SelfOutput` / `...Output`), i.e.
-  before dropout + residual + LayerNorm, exactly where Houlsby et al. put them;
+- transformer blocks: after the output projection of the attention sub-layer and of the MLP
+  sub-layer, i.e. before the residual addition (and, in post-LN BERT, before dropout + residual +
+  LayerNorm, exactly where Houlsby et al. put them). open_clip's `nn.MultiheadAttention` is
+  wrapped whole; see `_transformer_sites`;
 - CNN stages (timm ResNet / EfficientNet): after each block of the stage, on channels. A layer
   that is not a sequence of blocks (EfficientNet's final `bn2`) gets none.
 The up projection starts at zero, so the tuned model starts equal to the backbone.
@@ -17,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mdpd_vl.backbones.base import Backbone, is_norm
+from mdpd_vl.backbones.base import Backbone
 from mdpd_vl.errors import UserError
 
 
@@ -68,29 +67,34 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def _transformer_sites(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(parent, attribute, width) of each sub-module whose output gets an adapter."""
+def _transformer_sites(block: nn.Module, width: int) -> list[tuple[nn.Module, str, int]]:
+    """(parent, attribute, width) of each sub-layer output that gets an adapter.
+
+    Per direct child of the block (the attention and the MLP sub-layers): an
+    `nn.MultiheadAttention` is wrapped whole (its output projection is not a called module);
+    otherwise the child's last Linear that writes the block width (its output projection:
+    BERT `attention.output.dense` / `output.dense`, open_clip `mlp.c_proj`, CLIP `out_proj` /
+    `fc2`). Children without such a Linear (BERT's `intermediate`, norms) get none.
+    """
     sites: list[tuple[nn.Module, str, int]] = []
-    mha = [m for m in block.modules() if isinstance(m, nn.MultiheadAttention)]
-    if mha:
-        in_mha = {id(m) for a in mha for m in a.modules()}
-        for name, child in block.named_children():
-            if isinstance(child, nn.MultiheadAttention):
-                sites.append((block, name, child.embed_dim))
-            elif isinstance(child, nn.Linear):
-                sites.append((block, name, child.out_features))
-            elif id(child) not in in_mha and _linears(child):
-                # the MLP: adapt after its last Linear (its output), leaving `mlp.c_fc` etc. in place
-                last = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.Linear)][-1]
-                parent_name, _, attr = last[0].rpartition(".")
-                parent = child.get_submodule(parent_name) if parent_name else child
-                sites.append((parent, attr, last[1].out_features))
-        return sites
-    for parent in block.modules():
-        children = dict(parent.named_children())
-        linears = [n for n, c in children.items() if isinstance(c, nn.Linear)]
-        if len(linears) == 1 and any(is_norm(c) for c in children.values()):
-            sites.append((parent, linears[0], children[linears[0]].out_features))
+    for name, child in block.named_children():
+        if isinstance(child, nn.MultiheadAttention):
+            sites.append((block, name, child.embed_dim))
+            continue
+        in_mha = {id(m) for a in child.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules()}
+        found = [
+            (n, m)
+            for n, m in child.named_modules()
+            if isinstance(m, nn.Linear) and m.out_features == width and id(m) not in in_mha
+        ]
+        if not found:
+            continue
+        path = found[-1][0]
+        if not path:  # the child is itself the Linear
+            sites.append((block, name, width))
+            continue
+        parent_name, _, attr = path.rpartition(".")
+        sites.append((child.get_submodule(parent_name) if parent_name else child, attr, width))
     return sites
 
 
@@ -104,7 +108,7 @@ def insert_adapters(backbone: Backbone, dim: int) -> list[nn.Parameter]:
             blocks = block.named_children() if isinstance(block, nn.Sequential) else []
             sites = [(block, name, width) for name, _ in blocks]
         else:
-            sites = _transformer_sites(block)
+            sites = _transformer_sites(block, width)
             if not sites:
                 raise UserError(
                     f"cannot find attention/MLP sub-layers for adapters in {type(block).__name__}",
