@@ -63,15 +63,15 @@ class DistillConfig:
     )
     logits_weight: float = field(
         default=1e-4,
-        metadata={"help": 'weight of the logits distillation loss (supplementary B: 1e-4, for a sum-reduced loss).'},
+        metadata={"help": 'weight of the logits loss (supplementary B: 1e-4). Losses are summed over tokens and channels and averaged over the batch: the tiny paper weights only balance sum-reduced terms against a task loss of order 1.'},
     )
     deep_weight: float = field(
         default=6e-5,
-        metadata={"help": 'weight of the deep-layer masked generation loss (supplementary B: 6e-5, sum-reduced).'},
+        metadata={"help": 'weight of the deep-layer masked generation loss (supplementary B: 6e-5; sum over masked tokens and channels, mean over the batch).'},
     )
     shallow_weight: float = field(
         default=4e-5,
-        metadata={"help": 'weight of the shallow-layer imitation loss (supplementary B: 4e-5, sum-reduced).'},
+        metadata={"help": 'weight of the shallow-layer imitation loss (supplementary B: 4e-5; sum over tokens and channels, mean over the batch).'},
     )
     backbone_trainable: str = field(
         default="norms_all",
@@ -138,6 +138,8 @@ class DistillConfig:
             raise bad("last_k", f"must be a positive integer, got {self.last_k!r}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.schedule == "alternate" and self.logits == "none" and not self.task_on_backbone:
+            raise bad("schedule", "alternate needs a backbone-path loss: set logits or task_on_backbone")
         if not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
         return self
