@@ -8,7 +8,9 @@ cross-entropy), and times the model as deployed. It measures:
   or on CPU the peak RSS growth over the post-build baseline (kernel peak reset at the start);
 - `train_step_s`: median of the timed steps (forward, backward, optimiser step), after warm-up;
 - `infer_qps` / `infer_latency_ms`: median per-batch latency of the deployed model (CUDA events on
-  GPU), after warm-up; QPS = batch size / median latency.
+  GPU), after warm-up; QPS = batch size / median latency;
+- `infer_speed_vs_bare`: the deployed model timed alternately with a freshly built bare backbone +
+  head in the same process (median of paired ratios), immune to load drifting between rows.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ PREFIXES = ("open_clip:", "timm:", "hf:")
 RESULT_KEYS = (
     "name", "method", "backbone_trainable", "checkpointing", "batch_size", "trainable_params",
     "inference_params", "train_peak_bytes", "train_state_bytes", "saved_bytes", "grad_bytes",
-    "optimizer_bytes", "train_step_s", "infer_qps", "infer_latency_ms", "error",
+    "optimizer_bytes", "train_step_s", "infer_qps", "infer_latency_ms", "infer_speed_vs_bare", "error",
 )  # fmt: skip
 
 
@@ -121,6 +123,29 @@ def resolve_backbone(name: str, image_size: int | None = None) -> dict[str, Any]
         "to choose the library",
         field="--backbone",
     )
+
+
+def resolve_device(requested: str) -> tuple[str, str]:
+    """(device type, human description) for `--device auto|cpu|cuda`; the rows run on that type."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise UserError("CUDA was requested but torch sees no GPU", field="--device")
+    if requested == "cuda" or (requested == "auto" and cuda):
+        # initialising CUDA in the parent is harmless: rows run in new interpreters (the fork
+        # server is itself started by exec, not by forking the parent)
+        return "cuda", f"CUDA ({torch.cuda.get_device_name(0)})"
+    model = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "cpu", f"CPU ({model}), {cores} cores"
 
 
 def preload_modules(source: dict[str, Any]) -> list[str]:
@@ -244,18 +269,33 @@ def measure_training(
     }
 
 
-def measure_inference(model: Any, x: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Median per-batch latency of `model(x)` in eval mode without autograd, and the QPS it gives."""
+def measure_inference(model: Any, x: Any, job: dict[str, Any], bare: Any = None) -> dict[str, Any]:
+    """Median per-batch latency of `model(x)` in eval mode without autograd, and the QPS it gives.
+
+    With `bare` (a freshly built backbone + head), the two are timed alternately in this process and
+    `infer_speed_vs_bare` is the median of the paired latency ratios bare / model: on a shared or
+    throttling machine the load drifts between rows, and pairing cancels that drift.
+    """
     import torch
 
-    model.eval()
+    models = [model] if bare is None else [model, bare]
+    for m in models:
+        m.eval()
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode(), _autocast(job):
         for _ in range(max(2, job["infer_steps"] // 5)):
-            model(x)
+            for m in models:
+                m(x)
         _sync(job["device"])
-        times = [_timed(lambda: model(x), job["device"]) for _ in range(job["infer_steps"])]
-    latency = statistics.median(times)
-    return {"infer_latency_ms": latency * 1000.0, "infer_qps": job["batch_size"] / latency}
+        for i in range(job["infer_steps"]):
+            order = range(len(models)) if i % 2 == 0 else reversed(range(len(models)))  # no order bias
+            for k in order:
+                times[k].append(_timed(lambda k=k: models[k](x), job["device"]))
+    latency = statistics.median(times[0])
+    out = {"infer_latency_ms": latency * 1000.0, "infer_qps": job["batch_size"] / latency}
+    if bare is not None:
+        out["infer_speed_vs_bare"] = statistics.median(b / m for m, b in zip(times[0], times[1]))
+    return out
 
 
 def _method_config(job: dict[str, Any]) -> Any:
@@ -289,7 +329,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     source = resolve_backbone(job["backbone"], job.get("image_size"))
     backbone = build_backbone(source["spec"])
     num_classes = int(job["num_classes"])
-    tuned = apply_method(backbone, lambda width: GAPLinear(width, num_classes), _method_config(job))
+
+    def head(width: int) -> GAPLinear:
+        return GAPLinear(width, num_classes)
+
+    tuned = apply_method(backbone, head, _method_config(job))
     tuned.to(device)
     seq_len = job.get("seq_len") or (32 if source["kind"] == "hf_text" else None)
     x, y = _synthetic_batch(backbone, job["batch_size"], seq_len, num_classes, device)
@@ -314,7 +358,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("infer_steps"):
         deployed = tuned.deployed()
         del tuned  # the deployed model must stand alone; drop the training-time wrapper
-        row.update(measure_inference(deployed, x, job))
+        bare = apply_method(build_backbone(source["spec"]), head, _method_config({"method": "none"}))
+        row.update(measure_inference(deployed, x, job, bare.deployed().to(device)))
     row["error"] = None
     return row
 

@@ -101,7 +101,21 @@ def test_targets_are_ratios_and_misses_say_by_how_much():
                            "precision": "fp32", "command": "python -m mdpd_vl.bench"})  # fmt: skip
     assert "**MISS** mdpd[head] train_step_s / lora = 1.250" not in text  # ratio is 0.75, not its inverse
     assert "**MISS** mdpd[head] train_step_s / lora = 0.750 (target <= 0.6); misses by 25.0%" in text
-    assert "| mdpd[head] |" in text and "| 0.980 |" in text  # QPS relative to the bare backbone
+    assert "mdpd[head] infer_qps / none" in text  # no paired ratios here: raw QPS is compared
+
+
+def test_speed_targets_use_the_paired_ratios_when_every_row_has_one():
+    results = [
+        _row("none", infer_qps=100.0, infer_speed_vs_bare=1.01),
+        _row("unipt", infer_qps=200.0, infer_speed_vs_bare=0.8),  # fast only because load dropped
+        _row("mdpd[head]", infer_qps=90.0, infer_speed_vs_bare=0.98),
+    ]
+    checks = bench.check_targets(results, None)
+    bare = next(c for c in checks if "/ none" in c["target"])
+    assert bare["target"].endswith("inference speed, paired / none (bare backbone)")
+    assert bare["ok"] and bare["ratio"] == pytest.approx(0.98)  # the bare row is 1 by definition
+    side = next(c for c in checks if "/ unipt" in c["target"])
+    assert side["ok"] and side["ratio"] == pytest.approx(0.98 / 0.8)
 
 
 def test_unmeasured_targets_are_reported_not_passed():
@@ -179,6 +193,7 @@ def _check_schema(report: dict, rows: list[str]) -> None:
     for r in report["results"]:
         assert set(bench.RESULT_KEYS) <= set(r) and r["error"] is None, r
         assert isinstance(r["inference_params"], int) and r["infer_qps"] > 0 and r["infer_latency_ms"] > 0
+        assert r["infer_speed_vs_bare"] > 0  # paired against a fresh bare backbone in the same process
         if r["method"] != "none":
             for key in ("trainable_params", "train_state_bytes", "train_peak_bytes"):
                 assert isinstance(r[key], int) and r[key] >= 0, key

@@ -137,7 +137,8 @@ class DualPath(nn.Module):
         hidden = cfg.gen_hidden or cfg.d
         self.phi = nn.ModuleDict(
             {
-                str(i): Bottleneck(side.layer_widths[i], cfg.d, backbone.widths[i])
+                str(i): Bottleneck(side.layer_widths[i], self.bottleneck_width(cfg, side.layer_widths[i], backbone.widths[i]),
+                                   backbone.widths[i])
                 for i in self.shallow_layers + self.deep_layers
             }
         )
@@ -172,16 +173,23 @@ class DualPath(nn.Module):
         return layers[:n_shallow], layers[n_shallow:]
 
     def _check_width(self, cfg: DistillConfig, side_widths: list[int], backbone_widths: list[int]) -> None:
+        """d is capped per layer at the layer's narrower width (CNN stages grow from a few dozen to
+        a thousand channels); a d wider than every distilled layer is a mistake, not a cap."""
         layers = self.shallow_layers + self.deep_layers
         if not layers:
             return
-        smallest = min(min(side_widths[i], backbone_widths[i]) for i in layers)
-        if cfg.d > smallest:
+        widest = max(min(side_widths[i], backbone_widths[i]) for i in layers)
+        if cfg.d > widest:
             raise UserError(
-                f"bottleneck width {cfg.d} exceeds the narrowest distilled width {smallest} "
-                f"(side {side_widths}, backbone {backbone_widths}); phi must reduce",
+                f"bottleneck width {cfg.d} exceeds every distilled layer's width (at most {widest}; "
+                f"side {side_widths}, backbone {backbone_widths}); phi must reduce",
                 field="distill.d",
             )
+
+    @staticmethod
+    def bottleneck_width(cfg: DistillConfig, side_width: int, backbone_width: int) -> int:
+        """phi's width at one layer: d, capped at that layer's narrower width."""
+        return min(cfg.d, side_width, backbone_width)
 
     @staticmethod
     def _select_norms(cfg: DistillConfig, backbone: Backbone) -> list[tuple[str, nn.Parameter]]:

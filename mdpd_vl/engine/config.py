@@ -222,6 +222,12 @@ class _Builder:
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             key = f"{prefix}{name}"
+            if name in fields and isinstance(value, Mapping) and fields[name].default_factory is not dataclasses.MISSING:
+                default = fields[name].default_factory()
+                if dataclasses.is_dataclass(default):
+                    # a section given in part keeps the parent's defaults for the rest (the
+                    # parent may set defaults that differ from the section class's own)
+                    value = _merge(_as_data(default), value)
             if name not in fields:
                 valid = ", ".join(fields)
                 section = f" in {prefix[:-1]!r}" if prefix else ""
@@ -254,6 +260,23 @@ class _Builder:
             raise UserError(msg, where=self.where(fld or ""), field=fld) from None
         except (ValueError, TypeError) as err:
             raise UserError(str(err), where=self.where(prefix[:-1]), field=prefix[:-1] or None) from None
+
+
+def _as_data(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as nested plain mappings (init fields only)."""
+    return {
+        f.name: _as_data(getattr(obj, f.name)) if dataclasses.is_dataclass(getattr(obj, f.name)) else getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.init
+    }
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursing into mappings present in both."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:

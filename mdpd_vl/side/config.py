@@ -125,6 +125,11 @@ class LSTConfig(SideConfig):
         metadata={"help": "attention heads of the side blocks; None = backbone heads or width // 64"},
     )
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP hidden width / side width"})
+    max_tokens: int = field(
+        default=64,
+        metadata={"help": "grid layers with more tokens (early CNN stages) run the ladder on an average-pooled "
+                  "grid of at most this many tokens; s_l is upsampled back to b_l's grid for distillation"},
+    )
     gate_temperature: float = field(
         default=0.1, metadata={"help": "T of the ladder gates sigmoid(alpha_l / T); alpha starts at 0"}
     )

@@ -21,6 +21,7 @@ Choices where the paper is silent or our backbones differ from T5:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -71,6 +72,12 @@ def resample_tokens(x: Tensor, src: LayerSpec, dst: LayerSpec, n_dst: int) -> Te
         source = prefix if src.prefix else grid
         prefix = source.mean(dim=1, keepdim=True).expand(-1, dst.prefix, -1)
     return torch.cat([prefix, grid], dim=1)
+
+
+def coarse_tokens(spec: LayerSpec) -> int:
+    """Token count of a layout with a grid: prefix + h * w."""
+    assert spec.grid is not None
+    return spec.prefix + spec.grid[0] * spec.grid[1]
 
 
 def auto_heads(width: int, preferred: int | None = None) -> int:
@@ -243,18 +250,29 @@ class LST(SideNetwork):
         gates = self.gates()
         h: Tensor | None = None
         layers: list[Tensor] = []
+        prev: LayerSpec | None = None
         for i, (b, spec) in enumerate(zip(feats, self.specs)):
-            x = self.down[i](b)
-            if h is None:
+            coarse = self._coarse(spec, b.shape[1])
+            x = self.down[i](resample_tokens(b, spec, coarse, coarse_tokens(coarse)) if coarse is not spec else b)
+            if h is None or prev is None:
                 h = x
             else:
-                h = resample_tokens(h, self.specs[i - 1], spec, x.shape[1])
+                h = resample_tokens(h, prev, coarse, x.shape[1])
                 h = gates[i - 1] * h + (1 - gates[i - 1]) * x
             if str(i) in self.blocks:
                 h = self.blocks[str(i)](h, mask_for(mask, h.shape[1]))
-            layers.append(h)
+            layers.append(h if coarse is spec else resample_tokens(h, coarse, spec, b.shape[1]))
+            prev = coarse
         assert h is not None
         return SideOutput(layers=layers, tokens=self.head(self.norm(h)))
+
+    def _coarse(self, spec: LayerSpec, n: int) -> LayerSpec:
+        """The layout the ladder uses for a layer: its own, or a pooled grid of <= max_tokens tokens."""
+        grid = spec.grid_for(n)
+        if grid is None or grid[0] * grid[1] <= self.cfg.max_tokens:
+            return spec if grid == spec.grid else LayerSpec(spec.width, grid, spec.prefix)
+        f = math.ceil(math.sqrt(grid[0] * grid[1] / self.cfg.max_tokens))
+        return LayerSpec(spec.width, (max(1, grid[0] // f), max(1, grid[1] // f)), spec.prefix)
 
     # -- init from the backbone -------------------------------------------------------------------
     def _backbone_weights(self, backbone: Backbone | None) -> dict[int, dict[str, Any]]:

@@ -8,6 +8,8 @@ agrees with (padding masked out; token counts may differ, e.g. CNN stages), plus
 pooled token (the original adds the target's class token, which not every backbone has). A learned
 confidence Linear(d, 1)(mean(a) * mean(t_l)), softmaxed over layers, weights the merged features;
 output = b_L + up(merged) (up = ReLU -> Linear(d, D_L)), then ReLU -> Linear to `out_width`.
+Grid layers finer than the anchor (early CNN stages) are average-pooled onto the anchor's grid
+before the map to d; s_l keeps every token.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mdpd_vl.backbones.base import Backbone, LayerSpec
 from mdpd_vl.heads.pooling import masked_mean
 from mdpd_vl.side.base import SideNetwork, SideOutput
 from mdpd_vl.side.config import UniPTConfig
-from mdpd_vl.side.lst import mask_for
+from mdpd_vl.side.lst import mask_for, resample_tokens
 
 
 def l1norm(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
@@ -58,7 +60,7 @@ class UniPT(SideNetwork):
         if len(feats) != len(self.specs):
             raise ValueError(f"UniPT expects {len(self.specs)} layers, got {len(feats)}")
         side = [proj(b) for proj, b in zip(self.proj, feats)]
-        targets = [to_d(s) for to_d, s in zip(self.to_d, side)]
+        targets = [to_d(self._coarsen(s, spec, feats[-1].shape[1])) for to_d, s, spec in zip(self.to_d, side, self.specs)]
         anchor = targets[-1]
         anchor_pool = masked_mean(anchor, mask_for(mask, anchor.shape[1]))
         merged, confidence = [], []
@@ -71,3 +73,15 @@ class UniPT(SideNetwork):
         fused = torch.einsum("bl,blnd->bnd", weights, torch.stack(merged, dim=1))
         tokens = self.out(feats[-1] + self.up(fused))
         return SideOutput(layers=side, tokens=tokens)
+
+    def _coarsen(self, s: Tensor, spec: LayerSpec, n_anchor: int) -> Tensor:
+        """Average-pool a grid layer finer than the anchor onto the anchor's grid before fusion.
+
+        Early CNN stages have hundreds of times the anchor's tokens (EfficientNet at 128 px: 4096
+        vs 16); mapping them all to width d costs far more than the whole backbone, while the
+        cross-attention only ever gathers them into the anchor's tokens. s_l itself (what MDPD
+        distils) keeps every token. Transformers (equal token counts) are untouched."""
+        anchor = self.specs[-1]
+        if spec.grid is None or anchor.grid is None or s.shape[1] <= n_anchor:
+            return s
+        return resample_tokens(s, spec, anchor, n_anchor)

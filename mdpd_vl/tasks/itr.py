@@ -35,7 +35,7 @@ DATASET_PRESETS: dict[str, list[str]] = {
     "flickr30k": ["data.image_size=384", "train.epochs=25", "train.batch_size=112", "retrieval.embed_dim=1024",
                   "data.cache_features=false"],
     "coco": ["data.image_size=384", "train.epochs=25", "train.batch_size=112", "retrieval.embed_dim=1024",
-             "data.eval_split=testall", "data.folds=5", "data.cache_features=false"],
+             "data.folds=5", "data.cache_features=false"],
 }
 
 
@@ -46,7 +46,7 @@ class DataConfig:
     dataset: str = field(default="shapes", metadata={"help": "shapes | flickr30k | coco"})
     root: str | None = field(default=None, metadata={"help": "data root; null = $MDPD_DATA or ./data"})
     train_split: str = field(default="train", metadata={"help": "index split to train on"})
-    eval_split: str = field(default="test", metadata={"help": "index split to evaluate (coco 5K: testall)"})
+    eval_split: str = field(default="test", metadata={"help": "index split to evaluate (Karpathy COCO test = 5K; precomp layout: testall)"})
     folds: int = field(default=1, metadata={"help": "COCO 1K protocol: 5 contiguous folds, averaged"})
     image_size: int | None = field(default=128, metadata={"help": "input side in pixels; null = backbone's own"})
     max_text_len: int = field(default=32, metadata={"help": "caption tokens kept"})
@@ -68,7 +68,9 @@ class ITRConfig:
     pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag or checkpoint path"})
     output_dir: str = field(default="runs/itr", metadata={"help": "run folder (results, checkpoints, export)"})
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # side width 192 for both towers (MiniLM: 384 / r); the EfficientNet default would be 1280 / r = 640,
+    # which makes LST's ladder cost more than the backbone itself
+    method: MethodConfig = field(default_factory=lambda: MethodConfig(d=192))
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=8, batch_size=112, lr=5e-4, warmup_ratio=0.05, schedule="cosine",
@@ -89,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir")
     p.add_argument("--compare", help="comma-separated methods run on identical data and seeds")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--print-config", metavar="FILE", help="write the resolved config as YAML to FILE and exit")
     add_config_arguments(p)  # --config FILE, --set a.b=c
     return p.parse_args(argv)
 
@@ -144,10 +147,10 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
 
 def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
     """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
-    out = common.check_output_dir(output_dir or cfg.output_dir)
     common.seed_everything(cfg.train.seed)
     folder = index_dir(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg)  # bad names fail here, before anything is written
+    out = common.check_output_dir(output_dir or cfg.output_dir)
     data = ev.RetrievalData.build(cfg, model, folder)
     print(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
           f"{', cached frozen features' if data.cached else ''}")
@@ -196,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
     command = common.command_line(argv, "mdpd_vl.tasks.itr")
+    if args.print_config:
+        from mdpd_vl.engine.config import atomic_write_text, config_to_yaml
+
+        header = f"python -m mdpd_vl.tasks.itr --config {args.print_config}"
+        atomic_write_text(args.print_config, config_to_yaml(cfg, header))
+        return 0
     if not args.compare:
         run(cfg, command)
         return 0
