@@ -25,6 +25,7 @@ from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.heads.retrieval import DualTowerRetrieval, RetrievalConfig
 from mdpd_vl.tasks import common
 from mdpd_vl.tasks import itr_eval as ev
+from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.tuning.config import MethodConfig
 
 DATASETS = ("shapes", "flickr30k", "coco")
@@ -69,8 +70,11 @@ class ITRConfig:
     output_dir: str = field(default="runs/itr", metadata={"help": "run folder (results, checkpoints, export)"})
     data: DataConfig = field(default_factory=DataConfig)
     # side width 192 for both towers (MiniLM: 384 / r); the EfficientNet default would be 1280 / r = 640,
-    # which makes LST's ladder cost more than the backbone itself
-    method: MethodConfig = field(default_factory=lambda: MethodConfig(d=192))
+    # which makes LST's ladder cost more than the backbone itself. MDPD tunes the backbone head only
+    # by default: no backward through the backbones, frozen features cacheable (tasks/itr.md).
+    method: MethodConfig = field(
+        default_factory=lambda: MethodConfig(d=192, distill=DistillConfig(backbone_trainable="head"))
+    )
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=8, batch_size=112, lr=5e-4, warmup_ratio=0.05, schedule="cosine",
