@@ -125,3 +125,20 @@ def test_unknown_backbone_lists_valid_ones(data_root: Path, tmp_path: Path) -> N
 def test_unknown_config_key_is_exit_2(tmp_path: Path) -> None:
     res = _cli("--set", "train.learning_rate=1", cwd=tmp_path)
     assert res.returncode == 2 and "learning_rate" in res.stderr and "lr" in res.stderr
+
+
+def test_report_tabulates_runs_and_ratios(tmp_path: Path) -> None:
+    from mdpd_vl.tasks.itr_report import main, report
+
+    r = {"method": "mdpd", "command": "python -m mdpd_vl.tasks.itr --method mdpd", "train_seconds": 3.0,
+         "metrics": {"rsum": 300.0}, "metrics_side_kept": {"rsum": 400.0},
+         "efficiency": {"train_state_bytes": 2**30, "trainable_params": 2_000_000},
+         "config": {"method": {"distill": {"backbone_trainable": "head"}}}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(r))
+    text = report([str(tmp_path / "a")])
+    assert "| a | mdpd | head | 300.00 | 400.00 | 0.75 | 1.00 | 2.00 | 3.00 |" in text
+    assert "python -m mdpd_vl.tasks.itr --method mdpd" in text
+    with pytest.raises(SystemExit) as err:
+        main([str(tmp_path / "missing")])
+    assert err.value.code == 2
