@@ -87,6 +87,7 @@ def make_job(row: dict[str, Any], args: argparse.Namespace, batch_size: int, inf
         "num_classes": args.num_classes,
         "seed": args.seed,
         "threads": args.threads,
+        "clock": args.clock,
     }
 
 
@@ -203,12 +204,20 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _clock_words(report: dict[str, Any]) -> str:
+    if report["device_type"] == "cuda":
+        return "CUDA events"
+    settings = report.get("settings", {})
+    threads = f", {settings['threads']} thread(s)" if settings.get("threads") else ""
+    return ("process CPU seconds" if settings.get("clock") == "cpu" else "wall clock") + threads
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The table, the target checks and (with --scaling) the slopes, as markdown."""
     res = report["results"]
     lines = [
         f"Backbone `{report['backbone']}`, batch {report['batch_size']}, {report['device']}, "
-        f"torch {report['torch']}, {report['precision']}.",
+        f"torch {report['torch']}, {report['precision']}, timing: {_clock_words(report)}.",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -348,7 +357,7 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
         for ax, key in zip(axes, ("train_state_bytes", "train_peak_bytes")):
             good = [r for r in pts if r.get(key) is not None]
             ax.plot([r["batch_size"] for r in good], [r[key] / 1024**2 for r in good], marker="o",
-                    label=name, color=colors[i % len(colors)], **style)  # fmt: skip
+                    label=name, color="k" if name == REFERENCE_MDPD else colors[i % len(colors)], **style)  # fmt: skip
     for ax, key, title in zip(axes, ("train_state_bytes", "train_peak_bytes"),
                               ("train state (exact)", "train peak (measured)")):  # fmt: skip
         _log_if_wide(ax, [r[key] for r in rows if r.get(key)], "y")
@@ -396,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="CPU timing: wall time, or process CPU seconds for machines shared with other jobs "
+                   "(use with --threads 1); CUDA always uses events")  # fmt: skip
     p.add_argument("--json", default="bench.json", help="results; the .md and .png go next to it")
     p.add_argument("--markdown", help="markdown path (default: <json stem>.md)")
     p.add_argument("--png", help="chart path (default: <json stem>.png)")
@@ -494,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "precision": args.precision,
         "settings": {k: getattr(args, k) for k in ("warmup", "steps", "infer_steps", "num_classes", "seed",
-                                                     "threads", "image_size", "seq_len", "launcher", "quick")},
+                                                     "threads", "clock", "image_size", "seq_len", "launcher", "quick")},
         "results": results,
         "scaling": scaling,
     }  # fmt: skip

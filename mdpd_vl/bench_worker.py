@@ -190,20 +190,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], Any], device: str) -> float:
-    """Seconds one call of `fn` takes; CUDA events on GPU so host jitter does not count."""
+def _timed(fn: Callable[[], Any], job: dict[str, Any]) -> float:
+    """Seconds one call of `fn` takes: CUDA events on GPU (host jitter does not count); on CPU wall
+    time, or with `clock: cpu` this process's CPU seconds (all threads), which do not count the time
+    other programs hold the cores, so a shared machine still gives comparable numbers."""
     import torch
 
-    if device == "cuda":
+    if job["device"] == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
-    t0 = time.perf_counter()
+    clock = time.process_time if job.get("clock") == "cpu" else time.perf_counter
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _prime_lazy_state(device: str) -> None:
@@ -255,7 +258,7 @@ def measure_training(
         for _ in range(max(0, job["warmup"] - 1)):
             step()
         _sync(job["device"])
-        times = [_timed(step, job["device"]) for _ in range(job["steps"])]
+        times = [_timed(step, job) for _ in range(job["steps"])]
     gpu = peak.kind == "cuda_allocated"
     return {
         "train_state_bytes": state["train_state_bytes"],
@@ -290,7 +293,7 @@ def measure_inference(model: Any, x: Any, job: dict[str, Any], bare: Any = None)
         for i in range(job["infer_steps"]):
             order = range(len(models)) if i % 2 == 0 else reversed(range(len(models)))  # no order bias
             for k in order:
-                times[k].append(_timed(lambda k=k: models[k](x), job["device"]))
+                times[k].append(_timed(lambda k=k: models[k](x), job))
     latency = statistics.median(times[0])
     out = {"infer_latency_ms": latency * 1000.0, "infer_qps": job["batch_size"] / latency}
     if bare is not None:

@@ -250,3 +250,10 @@ def test_subprocess_launcher_and_worker_entry(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_schema(json.loads(out.read_text()), ["none", "mdpd[head]"])
+
+
+def test_cpu_clock_ignores_time_the_process_is_not_running():
+    """`--clock cpu` counts CPU seconds: a sleeping (descheduled) call costs ~0, unlike wall time."""
+    wall = bench_worker._timed(lambda: time.sleep(0.2), {"device": "cpu", "clock": "wall"})
+    cpu = bench_worker._timed(lambda: time.sleep(0.2), {"device": "cpu", "clock": "cpu"})
+    assert wall >= 0.19 and cpu < 0.05
