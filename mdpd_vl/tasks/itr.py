@@ -77,7 +77,7 @@ class ITRConfig:
     )
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=8, batch_size=112, lr=5e-4, warmup_ratio=0.05, schedule="cosine",
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=112, lr=5e-4, warmup_ratio=0.05, schedule="cosine",
                                             log_every=10, ckpt_every=0)
     )
     group_lr: dict[str, float] = field(
