@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config
 from mdpd_vl.engine.train import train
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.heads.retrieval import DualTowerRetrieval, RetrievalConfig
 from mdpd_vl.tasks import common
 from mdpd_vl.tasks import itr_eval as ev
-from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.tuning.config import MethodConfig
 
 DATASETS = ("shapes", "flickr30k", "coco")

@@ -20,8 +20,8 @@ def load_run(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "results.json"
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError("no results.json: the run did not finish", where=str(path)) from None
+    except OSError:
+        raise UserError("no readable results.json: the run did not finish", where=str(path)) from None
     except ValueError as err:
         raise UserError(f"not valid JSON ({err})", where=str(path)) from None
 
@@ -41,6 +41,30 @@ def row(label: str, r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Scatter of the deployed model's Rsum against training memory, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for r in rows:
+        x, y = r["train mem (GiB)"], r["Rsum deployed"]
+        ax.scatter(x, y, s=40, color="tab:red" if r["method"] == "mdpd" else "tab:blue")
+        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if isinstance(r["Rsum side kept"], (int, float)):  # MDPD: the side path it dropped
+            ax.scatter(x, r["Rsum side kept"], s=30, marker="x", color="tab:gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("training memory: train_state_bytes (GiB, log scale)")
+    ax.set_ylabel("Rsum of the deployed model (max 600)")
+    ax.set_title("Image-text retrieval: accuracy vs training memory (x: MDPD's side path)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def report(folders: list[str]) -> str:
     """Markdown table + the command of each row."""
     runs = [(Path(f).name, load_run(f)) for f in folders]
@@ -53,7 +77,11 @@ def report(folders: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mdpd_vl.tasks.itr_report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders holding results.json")
-    print(report(p.parse_args(argv).runs))
+    p.add_argument("--chart", help="also write a PNG: Rsum against training memory")
+    args = p.parse_args(argv)
+    print(report(args.runs))
+    if args.chart:
+        plot(args.chart, [row(Path(f).name, load_run(f)) for f in args.runs])
     return 0
 
 
