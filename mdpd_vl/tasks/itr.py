@@ -141,14 +141,10 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
     image_bb, text_bb = build_pair(cfg.backbone, cfg.pretrained)
     r = cfg.retrieval
 
-    def image_head(width: int) -> VSEHead:
+    def head(width: int) -> VSEHead:  # same head class for both towers; widths come from each backbone
         return VSEHead(width, r.embed_dim, token_drop=r.token_drop)
 
-    def text_head(width: int) -> VSEHead:
-        return VSEHead(width, r.embed_dim, token_drop=r.token_drop)
-
-    return DualTowerRetrieval(apply_method(image_bb, image_head, cfg.method),
-                              apply_method(text_bb, text_head, cfg.method), r)
+    return DualTowerRetrieval(apply_method(image_bb, head, cfg.method), apply_method(text_bb, head, cfg.method), r)
 
 
 def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:

@@ -43,7 +43,6 @@ class RetrievalData:
     evalset: ImageTextEval
     eval_images: Any  # callable -> iterable of image batches
     eval_texts: Any  # callable -> iterable of caption batches
-    live_images: Any  # callable -> iterable of live image batches (for timing)
     tokenize: Any
     cached: bool
 
@@ -58,9 +57,6 @@ class RetrievalData:
         bs = cfg.data.eval_batch_size
         evalset = ImageTextEval(folder / f"{cfg.data.eval_split}.index.json", transform)
         cached = cfg.data.cache_features and cache_is_exact(cfg)
-
-        def live_images() -> Any:
-            return ri.image_batches(evalset, bs)
 
         if cached:
             cache = common.cache_dir(cfg.data.cache_dir, common.data_root(cfg.data.root))
@@ -78,11 +74,11 @@ class RetrievalData:
         else:
             train_set = ri.train_pairs(folder / f"{cfg.data.train_split}.index.json", transform)
             collate = ri.LivePairCollate(tokenize)
-            eval_images = live_images
+            eval_images = lambda: ri.image_batches(evalset, bs)  # noqa: E731
             eval_texts = lambda: ri.caption_batches(evalset.captions, tokenize, bs)  # noqa: E731
         if cfg.data.max_train_pairs is not None:
             train_set = Subset(train_set, range(min(cfg.data.max_train_pairs, len(train_set))))
-        return cls(train_set, collate, evalset, eval_images, eval_texts, live_images, tokenize, cached)
+        return cls(train_set, collate, evalset, eval_images, eval_texts, tokenize, cached)
 
 
 def eval_transform(backbone: Any, size: int | None) -> Any:
