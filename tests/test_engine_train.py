@@ -260,7 +260,8 @@ def test_bad_input(tmp_path):
     with pytest.raises(UserError, match=r"holds checkpoints of an earlier run \(newest: step-00000002\)"):
         train(other, mse_step, regression(), collate, groups_of(other), cfg, tmp_path / "d", resume=None)
     with pytest.raises(
-        UserError, match=r"step-00000002: batch_size: checkpoint was written with batch_size=8"
+        UserError, match=r"step-00000002: this run's settings differ from the checkpoint's: "
+        r"train\.batch_size \(checkpoint 8, now 4\); resume with the checkpoint's values, or start afresh"
     ):
         train(
             other,
@@ -275,7 +276,7 @@ def test_bad_input(tmp_path):
     two_groups = groups_of(other)[:2]
     with pytest.raises(
         UserError,
-        match=r"step-00000002: groups: checkpoint was written with groups=\['body', 'head', 'spare'\]",
+        match=r"step-00000002: .*groups \(checkpoint \['body', 'head', 'spare'\], now \['body', 'head'\]\)",
     ):
         train(other, mse_step, regression(), collate, two_groups, cfg, tmp_path / "d", progress=False)
     state = list_checkpoints(tmp_path / "d")[-1] / "state.pt"

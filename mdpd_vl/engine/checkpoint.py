@@ -6,7 +6,12 @@ Layout: `<run_dir>/checkpoints/step-00000120/` with
 - `state.pt`: optimizer, scheduler, data position and run facts (read with `weights_only=True`);
 - `rng-<rank>.pt`: python / numpy / torch (/ cuda) RNG states of each process, as tensors and lists.
 A checkpoint is written into a hidden temp folder and renamed into place, so a folder named
-`step-*` is always complete; a run killed while saving leaves the previous one intact.
+`step-*` is always complete; a run killed while saving leaves the previous one intact, and the next
+save removes the leftover temp folder. Only finite weights are saved (`NonFiniteError` otherwise),
+so every `step-*` folder is a good one. A failed write (full disk) removes its temp folder and is one
+`mdpd_vl.atomic.WriteError` line naming the file and the bytes the checkpoint needs.
+`state.pt` also records the run's settings (`run_settings`); a resume compares them with the
+current ones (`settings_diff`): only those matching `RESUME_FREE` may change.
 Next to them: `metrics.jsonl` (one JSON object per logged step; + `tb/` when TensorBoard is
 installed) and `config.json` (the resolved config, the seed and the run's facts).
 """
@@ -14,13 +19,14 @@ installed) and `config.json` (the resolved config, the seed and the run's facts)
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import io
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +34,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from mdpd_vl import atomic
 from mdpd_vl.engine.config import TrainConfig, atomic_write_text, dump_config
 from mdpd_vl.errors import UserError
 
 CKPT_SUBDIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})$")
+_PARTIAL = re.compile(r"^\.(tmp|old)-step-\d{8,}$")
 FORMAT = "mdpd_vl.checkpoint"
 VERSION = 1
+# Settings a resumed run may change (fnmatch patterns over dotted keys): how long it runs (a longer
+# run stretches the decay over the new total), how it logs, checkpoints and evaluates, where its
+# files and data live. Everything else a checkpoint's state depends on must match.
+RESUME_FREE: tuple[str, ...] = (
+    "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+    "train.eval_every", "train.num_workers", "output_dir", "*.root", "*cache_dir", "*eval_*", "*.folds",
+)
+
+
+class NonFiniteError(UserError):
+    """Training produced NaN/inf (loss, gradient norm or weights); nothing non-finite was saved.
+    The message names the step and the last good checkpoint."""
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -43,9 +63,10 @@ def check_run_dir(run_dir: str | Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         list(path.iterdir())
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe = atomic.temp_path(path / "write-probe")
+        probe.touch(exist_ok=False)
+        probe.unlink()
+        atomic.clean_stale(path)
     except OSError as err:
         reason = err.strerror or err.__class__.__name__
         raise UserError(f"run folder is not usable ({reason})", where=str(path)) from None
@@ -64,6 +85,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
             f"cannot read the checkpoint folder ({err.strerror or err})", where=str(root)
         ) from None
     return [p for _, p in sorted(found)]
+
+
+def remove_partial(run_dir: str | Path) -> list[Path]:
+    """Remove the temp folders of checkpoints whose writing was killed or failed; returns them."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    found = [p for p in root.iterdir() if _PARTIAL.match(p.name)] if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -109,7 +139,8 @@ def write_run_config(
 
 
 class MetricsLog:
-    """metrics.jsonl in the run folder (+ TensorBoard when importable); main process only."""
+    """metrics.jsonl in the run folder (+ TensorBoard when importable); main process only.
+    A line that cannot be written whole (full disk) is cut off again: the file stays valid JSONL."""
 
     def __init__(self, run_dir: Path, active: bool, resume_step: int | None):
         self.path, self.active, self.tb = run_dir / "metrics.jsonl", active, None
@@ -117,8 +148,8 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and self.path.is_file():  # drop lines the resumed run re-logs
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError, AttributeError):
                     if json.loads(line).get("step", 0) <= resume_step:
                         kept.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
@@ -132,8 +163,19 @@ class MetricsLog:
     def write(self, step: int, values: Mapping[str, float]) -> None:
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **values}) + "\n")
+        line = (json.dumps({"step": step, **values}) + "\n").encode("utf-8")
+        try:
+            with open(self.path, "ab") as fh:
+                start = fh.tell()
+                try:
+                    fh.write(line)
+                    fh.flush()
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        fh.truncate(start)
+                    raise
+        except OSError as err:
+            raise atomic.write_error(err, self.path, len(line)) from None
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -141,6 +183,56 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+# ----------------------------------------------------------------------------- resume settings
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_settings(cfg: TrainConfig, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's settings as dotted keys (`train.lr`, `method.name`, ...) with JSON-plain values: the
+    recipe's config (when given) with the engine's own `TrainConfig` over its `train` section."""
+    flat = _flatten(dict(config or {}))
+    flat.update(_flatten({"train": dump_config(cfg)}))
+    return json.loads(json.dumps(flat, default=str))
+
+
+_UNSET = "(unset)"
+
+
+def settings_diff(
+    saved: Mapping[str, Any], now: Mapping[str, Any], free: Iterable[str] = RESUME_FREE
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(fixed, changed): the keys whose values differ between a checkpoint and this run, as
+    (key, saved, now), split by whether a resume must refuse them or may apply them (`free`)."""
+    patterns = tuple(free)
+    fixed, changed = [], []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key, _UNSET), now.get(key, _UNSET)
+        if old == new and type(old) is type(new):
+            continue
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool) \
+                and not isinstance(new, bool) and float(old) == float(new):
+            continue  # 1 and 1.0: one value
+        (changed if any(fnmatch.fnmatchcase(key, p) for p in patterns) else fixed).append((key, old, new))
+    return fixed, changed
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    """`key (checkpoint A, now B), ...` for an error line."""
+    parts = [f"{k} (checkpoint {old!r}, now {new!r})" for k, old, new in diff[:limit]]
+    more = f" and {len(diff) - limit} more" if len(diff) > limit else ""
+    return ", ".join(parts) + more
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -191,11 +283,25 @@ def model_tensors(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> di
     return out
 
 
-def _fsync_write(path: Path, write: Callable[[Any], None]) -> None:
-    with open(path, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, str | None]:
+    """(non-finite values, all floating values, first offending name) over `tensors`."""
+    bad, total, first = 0, 0, None
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if not t.is_floating_point():
+                continue
+            n = int((~torch.isfinite(t)).sum())
+            total += t.numel()
+            if n:
+                bad += n
+                first = first or name
+    return bad, total, first
+
+
+def _serialise(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_checkpoint(
@@ -212,42 +318,68 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     keep: int = 1,
 ) -> Path:
-    """Write checkpoint `step` atomically (every rank calls this; rank 0 writes the shared parts)."""
+    """Write checkpoint `step` atomically (every rank calls this; rank 0 writes the shared parts).
+
+    Refuses non-finite weights (`NonFiniteError`, every rank alike: the weights are the same on all).
+    A failed write removes the temp folder and raises a `WriteError` naming the bytes needed."""
     from safetensors.torch import save as st_save
 
     root = run_dir / CKPT_SUBDIR
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp, old = root / f".tmp-step-{step:08d}", root / f".old-step-{step:08d}"
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_tensors(model, trainable).items()}
+    bad, total, first = non_finite(tensors)
+    if bad:
+        good = latest_checkpoint(run_dir)
+        raise NonFiniteError(
+            f"weights are not finite after step {step} ({bad:,} of {total:,} values, first in {first}); "
+            f"not saved; last good checkpoint: {good or 'none'} (lower the lr or check the inputs)",
+            where=str(run_dir),
+            field="weights",
+        )
+    blobs = {f"rng-{rank}.pt": _serialise(rng_state())}
     if rank == 0:
-        root.mkdir(exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    _fsync_write(tmp / f"rng-{rank}.pt", lambda fh: torch.save(rng_state(), fh))
-    if rank == 0:
-        tensors = {
-            k: v.detach().to("cpu", copy=True).contiguous()
-            for k, v in model_tensors(model, trainable).items()
-        }
-        _fsync_write(tmp / "model.safetensors", lambda fh: fh.write(st_save(tensors)))
-        state = {
+        blobs["model.safetensors"] = st_save(tensors)
+        blobs["state.pt"] = _serialise({
             "format": FORMAT,
             "version": VERSION,
             "position": dict(position),
             "meta": dict(meta),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-        }
-        _fsync_write(tmp / "state.pt", lambda fh: torch.save(state, fh))
+        })
+    if rank == 0:
+        try:
+            root.mkdir(exist_ok=True)
+            remove_partial(run_dir)
+            tmp.mkdir()
+        except OSError as err:
+            raise atomic.write_error(err, tmp, sum(map(len, blobs.values()))) from None
+    barrier()
+    try:
+        for name, blob in blobs.items():
+            _write_file(tmp / name, blob)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise atomic.write_error(err, final, sum(map(len, blobs.values()))) from None
     barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def _write_file(path: Path, blob: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _read(path: Path) -> Any:
@@ -275,7 +407,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     state = _read(path / "state.pt")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("meta"), dict):
         raise UserError("not an mdpd_vl checkpoint", where=str(path / "state.pt"))
     if check_meta is not None:
         check_meta(state["meta"])
@@ -284,6 +416,13 @@ def load_checkpoint(
         saved = load_file(str(weights_file))
     except Exception as err:
         raise UserError(f"cannot read weights ({err.__class__.__name__})", where=str(weights_file)) from None
+    bad, total, first = non_finite(saved)
+    if bad:  # written before checkpoints were checked: resuming it would train NaN again
+        raise UserError(
+            f"holds {bad:,} non-finite weights of {total:,} (first in {first}); it cannot be resumed: "
+            f"remove it, or start afresh in another run folder",
+            where=str(weights_file),
+        )
     targets = model_tensors(model, trainable)
     missing, unexpected = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
     if missing or unexpected:

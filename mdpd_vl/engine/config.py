@@ -15,18 +15,19 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
-import tempfile
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mdpd_vl import atomic
 from mdpd_vl.errors import UserError, cli_entry
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ __all__ = [
     "config_to_yaml",
     "add_config_arguments",
     "atomic_write_text",
+    "parse_name_list",
 ]
 
 
@@ -127,11 +129,32 @@ class _Mismatch(Exception):
         self.key, self.expected, self.value = key, expected, value
 
 
+class _NotFinite(_Mismatch):
+    """A float that is inf or nan: no setting of the project means that (a `.inf` learning rate
+    would train to non-finite weights), so it is refused wherever a number may stand."""
+
+    def __init__(self, key: str, value: Any):
+        super().__init__(key, "a finite number", value)
+
+
+def _finite(value: Any, key: str) -> Any:
+    """`value` unchanged, after refusing inf/nan anywhere inside it (untyped `Any` fields too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _NotFinite(key, value)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str, build: Any) -> Any:
     """Check `value` against annotation `tp`; return it converted (int->float, list->tuple)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return value
+        return _finite(value, key)
     if _is_dataclass_type(tp):
         if not isinstance(value, Mapping):
             raise _Mismatch(key, _type_name(tp), value)
@@ -145,7 +168,8 @@ def _coerce(value: Any, tp: Any, key: str, build: Any) -> Any:
             try:
                 return _coerce(value, arg, key, build)
             except _Mismatch as err:
-                if err.key != key:  # the value fits this branch but something inside does not
+                # the value fits this branch but something inside does not, or it is inf/nan
+                if err.key != key or isinstance(err, _NotFinite):
                     raise
         raise _Mismatch(key, _type_name(tp), value)
     if origin is Literal:
@@ -160,7 +184,7 @@ def _coerce(value: Any, tp: Any, key: str, build: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -178,7 +202,7 @@ def _coerce(value: Any, tp: Any, key: str, build: Any) -> Any:
         if isinstance(value, tp):
             return value
     else:
-        return value  # an annotation we do not model (TypeVar, Callable): accept as is
+        return _finite(value, key)  # an annotation we do not model (TypeVar, Callable): accept as is
     raise _Mismatch(key, _type_name(tp), value)
 
 
@@ -394,18 +418,9 @@ def config_to_yaml(obj: Any, header: str | None = None) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder + os.replace (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically (`mdpd_vl.atomic.write_text`): all or nothing, umask honoured;
+    a failed write is one `WriteError` line naming the path and the bytes needed."""
+    atomic.write_text(path, text)
 
 
 def save_config(obj: Any, path: str | Path) -> None:
@@ -415,10 +430,27 @@ def save_config(obj: Any, path: str | Path) -> None:
         text = json.dumps(dump_config(obj), indent=2) + "\n"
     else:
         text = config_to_yaml(obj)
-    try:
-        atomic_write_text(path, text)
-    except OSError as err:
-        raise UserError(f"cannot write config ({err.strerror or err})", where=str(path)) from None
+    atomic_write_text(path, text)
+
+
+def parse_name_list(text: str, flag: str, build: Callable[[str], T]) -> list[T]:
+    """Split a comma-separated option (e.g. `--compare partial,lora`) and build every entry with
+    `build(name)` before any work starts: an empty list, a repeated name or one that `build` refuses
+    is one UserError naming `flag` (so no entry trains before a later one is found wrong)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UserError(f"expected comma-separated names, got {text!r}", field=flag)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"{repeated[0]!r} is named twice", field=flag)
+    built = []
+    for name in names:
+        try:
+            built.append(build(name))
+        except UserError as err:
+            reason = str(err).split(": ", 1)[-1] if err.field or err.where else str(err)
+            raise UserError(f"{name!r}: {reason}; nothing was run", field=flag) from None
+    return built
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -472,6 +504,10 @@ class TrainConfig:
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "eps", "warmup_ratio", "max_grad_norm", "betas"):
+            value = getattr(self, name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if name == "betas" else [value])):
+                raise UserError(f"must be a finite number, got {value!r}", field=name)
         positive = ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
@@ -481,6 +517,8 @@ class TrainConfig:
                 raise UserError(f"must be >= 0, got {getattr(self, name)}", field=name)
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"must be >= 1 or null, got {self.max_steps}", field="max_steps")
+        if not self.eps >= 0:
+            raise UserError(f"must be >= 0, got {self.eps}", field="eps")
         if not self.lr > 0:
             raise UserError(f"must be > 0, got {self.lr}", field="lr")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -18,11 +18,19 @@ Runs on `accelerate` (CPU, one GPU, or several processes started by `torchrun` /
 - A fresh start (`resume=None`) in a folder that holds checkpoints is refused (UserError).
 - Exact resume (CPU, same settings): model, optimizer, scheduler, RNG and data position are restored;
   with worker processes each sample is loaded under a seed derived from (seed, epoch, index).
+  A resume whose settings differ from the checkpoint's (lr, schedule, warmup, batch size, seed, the
+  recipe's method and its knobs, per-group hyper-parameters, ...) is refused in one line naming every
+  key that differs; only keys matching `checkpoint.RESUME_FREE` (+ `resume_free`) may change (more
+  epochs, logging, evaluation, paths), and those changes are recorded in `config.json`.
+- Non-finite numbers stop the run before they are saved: a NaN/inf loss or gradient norm before the
+  update, non-finite weights before a checkpoint is written (`NonFiniteError`, naming the last good
+  checkpoint, which is finite by construction).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -49,7 +57,7 @@ EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 _GROUP_KEYS = {"name", "params", "lr", "weight_decay", "betas", "eps"}
 
 
-class NonFiniteLossError(UserError):
+class NonFiniteLossError(ckpt.NonFiniteError):
     """The loss (or the gradient norm) became NaN/inf; the run stopped before updating the weights.
     Its message names the step as passed to step_fn (0-based) and the last good checkpoint."""
 
@@ -257,15 +265,19 @@ def train(
     eval_fn: EvalFn | None = None,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
+    resume_free: Sequence[str] = (),
 ) -> TrainResult:
     """Train `model` on `dataset` with AdamW over `param_groups`; log, checkpoint and resume in `run_dir`.
 
-    `config` is the resolved run config (a dict) written to `run_dir/config.json` with the seed.
+    `config` is the resolved run config (a dict) written to `run_dir/config.json` with the seed, and
+    compared key by key on resume; `resume_free` adds fnmatch patterns of its keys that a resume may
+    change (besides `checkpoint.RESUME_FREE`).
     `resume`: 'auto' (resume when run_dir has a checkpoint), True (must), a checkpoint path, or None.
     `eval_fn(model, step) -> {name: float}` runs every `cfg.eval_every` steps and at the end.
     """
     t0 = time.perf_counter()
-    run = _Run(model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config)
+    free = (*ckpt.RESUME_FREE, *resume_free)
+    run = _Run(model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config, free)
     run.open_progress(progress)
     try:
         for batches in run.data_windows():
@@ -293,7 +305,7 @@ def train(
 class _Run:
     """The state one `train` call shares between its loop, its logs and its checkpoints."""
 
-    def __init__(self, model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config):
+    def __init__(self, model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config, free):
         start_from = ckpt.resolve_resume(Path(run_dir), resume)  # before anything is created on disk
         self.run_dir = ckpt.check_run_dir(run_dir)
         self.acc = _make_accelerator()
@@ -329,8 +341,13 @@ class _Run:
             "dataset_len": n,
             "groups": self.group_names,
             "group_sizes": [len(g["params"]) for g in self.optimizer.param_groups],
+            "settings": ckpt.run_settings(cfg, config),
+            "group_hparams": _group_hparams(self.optimizer),
         }
+        self.free, self.changed = free, []
         self.pos = {"step": 0, "epoch": 0, "batch": 0}
+        if self.acc.is_main_process:
+            ckpt.remove_partial(self.run_dir)  # temp folders of a save that was killed or failed
         self._start(start_from)
         precision = _resolve_precision(cfg, self.device)
         self.autocast = (
@@ -345,6 +362,9 @@ class _Run:
                 "total_steps": self.total,
                 "device": str(self.device),
             }
+            if start_from is not None:  # what this run changed over the checkpoint it resumed
+                facts["resumed_from"] = {"checkpoint": str(start_from), "step": self.pos["step"],
+                                         "changed": {k: {"checkpoint": a, "now": b} for k, a, b in self.changed}}
             ckpt.write_run_config(self.run_dir, cfg, config, facts)
         resumed = self.pos["step"] if start_from is not None else None
         self.metrics = ckpt.MetricsLog(self.run_dir, self.acc.is_main_process, resumed)
@@ -364,7 +384,7 @@ class _Run:
 
     def _start(self, start_from: Path | None) -> None:
         if start_from is not None:
-            check = partial(_check_resume_meta, start_from, now=self.meta)
+            check = partial(self._check_resume, start_from)
             loaded = ckpt.load_checkpoint(start_from, **self.parts, rank=self.rank, check_meta=check)
             self.pos = dict(loaded["position"])
             log.info("resuming from %s (step %d)", start_from, self.done)
@@ -376,6 +396,20 @@ class _Run:
                 where=str(self.run_dir),
             )
         ckpt.seed_everything(self.cfg.seed + self.rank)
+
+    def _check_resume(self, path: Path, saved: Mapping[str, Any]) -> None:
+        """Refuse a resume whose settings differ from the checkpoint's (one line, every key)."""
+        if "settings" not in saved:  # written before settings were recorded: the keys it has
+            _check_resume_meta(path, saved, self.meta)
+            return
+        now = _resume_facts(self.meta)
+        fixed, self.changed = ckpt.settings_diff(_resume_facts(saved), now, self.free)
+        if fixed:
+            raise UserError(
+                f"this run's settings differ from the checkpoint's: {ckpt.describe_diff(fixed)}; resume with "
+                f"the checkpoint's values, or start afresh in another run folder (or remove {path.parent})",
+                where=str(path),
+            )
 
     def open_progress(self, progress: bool) -> None:
         if progress and self.acc.is_main_process:
@@ -495,6 +529,23 @@ class _Run:
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
+
+
+def _group_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Each group's own hyper-parameters as set up (peak lr, before any schedule), by group name."""
+    return {g["name"]: {"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                        "betas": list(g["betas"]), "eps": g["eps"]} for g in optimizer.param_groups}
+
+
+def _resume_facts(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything a resume must match (or may change), as dotted keys: run settings, process count,
+    data size, the param groups and their hyper-parameters."""
+    facts = dict(meta.get("settings", {}))
+    for key in ("world_size", "dataset_len", "groups", "group_sizes"):
+        facts[key] = meta.get(key)
+    for name, hp in (meta.get("group_hparams") or {}).items():
+        facts.update({f"groups[{name}].{k}": v for k, v in hp.items()})
+    return json.loads(json.dumps(facts, default=str))
 
 
 def _check_resume_meta(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
