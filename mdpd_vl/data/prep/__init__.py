@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mdpd_vl.data.prep import gqa, karpathy, msrvtt, msvd, refcoco, vqav2
-from mdpd_vl.data.prep.common import BadInputError, PrepReport, Problem
+from mdpd_vl.data.prep.common import BadInputError, DatasetInfo, PrepReport, Problem
 from mdpd_vl.registry import Registry
 
 Prepare = Callable[..., PrepReport]
@@ -37,4 +37,14 @@ def prepare(name: str, raw: Path, out: Path, *, force: bool = False, skip_bad: b
     return DATASETS.get(name, field="dataset")(Path(raw), Path(out), force=force, skip_bad=skip_bad, **options)
 
 
-__all__ = ["DATASETS", "BadInputError", "PrepReport", "Problem", "prepare"]
+def published_at(name: str) -> str:
+    """One line naming where the originals of dataset `name` are published ('' when unknown)."""
+    infos: dict[str, DatasetInfo] = {
+        "flickr30k": karpathy.INFO["flickr30k"], "coco": karpathy.INFO["coco"], "msrvtt": msrvtt.INFO["9k"],
+        "msvd": msvd.INFO, "vqav2": vqav2.INFO, "gqa": gqa.INFO,
+        "refcoco": DatasetInfo("refcoco", {}, "expressions", refcoco.URLS),
+    }
+    return infos[name].where_to_get() if name in infos else ""
+
+
+__all__ = ["DATASETS", "BadInputError", "PrepReport", "Problem", "prepare", "published_at"]

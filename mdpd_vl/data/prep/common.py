@@ -14,15 +14,15 @@ import argparse
 import csv
 import functools
 import hashlib
+import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mdpd_vl import atomic
 from mdpd_vl.data.prep.media import verify_files
 from mdpd_vl.errors import UserError
 
@@ -162,16 +162,45 @@ def first_dir(raw: Path, candidates: Sequence[str], given: str | Path | None, in
                     where=str(raw))
 
 
-def read_json(path: Path, info: DatasetInfo) -> Any:
-    """Parse a JSON file; a truncated or corrupt file is one UserError naming the position."""
+def read_text(path: Path, info: DatasetInfo | None = None, *, whole_lines: bool = False) -> str:
+    """The UTF-8 text of an annotation file (a UTF-8 BOM is dropped). Unreadable, not UTF-8, binary
+    (a NUL byte) or, with `whole_lines`, cut inside its last line (no final line break): one
+    UserError naming the file and the line."""
+    where = str(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read ({err.strerror or type(err).__name__})", where=where) from None
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    hint = f"; {info.where_to_get()}" if info is not None else ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"not UTF-8 text (byte 0x{data[err.start]:02x}, {err.reason}); the file is corrupt or in "
+                        f"another encoding: save it as UTF-8{hint}", where=where, field=f"line {line}") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise UserError(f"holds a NUL byte: not a text file, or a corrupt one{hint}", where=where,
+                        field=f"line {line}")
+    if whole_lines and text and not text.endswith(("\n", "\r")):
+        line = text.count("\n") + 1
+        raise UserError(f"ends inside this line (no final line break): the file looks truncated; if it is "
+                        f"whole, add the final line break{hint}", where=where, field=f"line {line}")
+    return text
+
+
+def read_json(path: Path, info: DatasetInfo) -> Any:
+    """Parse a JSON file; a truncated, corrupt, mis-encoded or unreadable file is one UserError naming
+    the position."""
+    text = read_text(path, info)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
                         f"the file looks truncated or corrupt; {info.where_to_get()}", where=str(path)) from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"not UTF-8 text ({err.reason}); {info.where_to_get()}", where=str(path)) from None
+    except RecursionError:
+        raise UserError(f"not valid JSON (nested too deeply); {info.where_to_get()}", where=str(path)) from None
 
 
 def expect(cond: bool, message: str, path: Path, field_name: str | None = None) -> None:
@@ -181,20 +210,36 @@ def expect(cond: bool, message: str, path: Path, field_name: str | None = None) 
 
 
 def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV with a header; a missing column is a UserError naming it."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+    """Rows of a CSV with a header. Checked: UTF-8, a header holding `columns`, every row as wide as
+    the header, no quoted field left open, a final line break (a cut download ends without one). Each
+    problem is a UserError naming the file and the line (or the missing column)."""
+    text = read_text(path, whole_lines=True)
+    if not text.strip():
+        raise UserError(f"is empty (expected a header with {','.join(columns)})", where=str(path), field=columns[0])
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
         for col in columns:
             if col not in header:
                 raise UserError(f"no column {col!r} (header: {','.join(header)})", where=str(path), field=col)
-        # Short rows give None for the missing cells; treat them as blank.
-        return [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        rows = []
+        for cells in reader:
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                raise UserError(f"{len(cells)} fields, the header has {len(header)}: a cut or malformed row",
+                                where=str(path), field=f"line {reader.line_num}")
+            rows.append({k: v.strip() for k, v in zip(header, cells)})
+    except csv.Error as err:
+        raise UserError(f"not valid CSV ({err}): the file looks truncated or corrupt", where=str(path),
+                        field=f"line {reader.line_num}") from None
+    return rows
 
 
-def read_lines(path: Path) -> list[str]:
-    """Non-blank stripped lines; files that lack a final newline (MSVD's lists) read the same."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_lines(path: Path, *, whole_lines: bool = False) -> list[str]:
+    """Non-blank stripped lines of a UTF-8 text file; files that lack a final newline (MSVD's lists)
+    read the same unless `whole_lines` (captions files, whose last line would be cut)."""
+    return [line.strip() for line in read_text(path, whole_lines=whole_lines).splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------ fingerprint + write
@@ -231,23 +276,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def commit_files(out: Path, files: Mapping[str, Any]) -> None:
     """Write every file to a temp name first, then move them all in place: a failure while writing
-    leaves the previous files untouched."""
-    out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, Path]] = []
-    try:
-        for name, obj in files.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            staged.append((tmp, out / name))
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(obj, f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for tmp, dest in staged:
-        os.replace(tmp, dest)
+    (full disk: one `WriteError` line naming the bytes needed) leaves the previous files untouched
+    and no temp file behind (`mdpd_vl.atomic.write_files`)."""
+    blobs = {name: json.dumps(obj, ensure_ascii=False) for name, obj in files.items()}
+    atomic.write_files(out, blobs)
 
 
 def _load_header(path: Path) -> dict[str, Any] | None:
@@ -280,6 +312,7 @@ class PrepRun:
               skip_bad: bool, code_version: int, inputs: Iterable[Path],
               media_dirs: Iterable[Path]) -> PrepRun:
         """Fingerprint the inputs; `run.report.up_to_date` is True when nothing needs to be done."""
+        atomic.check_dir(out, "out")  # before the media check: a bad output path fails in a second
         run = cls(info, raw, out, options, force=force, skip_bad=skip_bad)
         run.report.fingerprint = fingerprint(run.name, code_version, inputs, media_dirs, options, run.out)
         if not force and run._existing_is_current():
@@ -384,10 +417,31 @@ class PrepRun:
 
 # ------------------------------------------------------------------------------------------- CLI
 
+class _PrepParser(argparse.ArgumentParser):
+    """argparse, but a missing --raw/--out (e.g. no arguments at all) is one line that also says
+    where the originals are published, exit status 2."""
+
+    dataset = ""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        if "required" in message:
+            hint = _published_at(self.dataset)
+            self.exit(2, f"error: {self.prog} needs --raw DIR (the originals as distributed) and --out DIR "
+                         f"({message}){'; ' + hint if hint else ''}\n")
+        super().error(message)
+
+
+def _published_at(dataset: str) -> str:
+    from mdpd_vl.data.prep import published_at  # the readers import this module
+
+    return published_at(dataset)
+
+
 def base_parser(name: str, description: str | None) -> argparse.ArgumentParser:
     """The options every data_prep script shares."""
-    parser = argparse.ArgumentParser(prog=f"data_prep/{name}.py", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _PrepParser(prog=f"data_prep/{name}.py", description=description,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.dataset = name
     parser.add_argument("--raw", type=Path, required=True, help="folder holding the originals as distributed")
     parser.add_argument("--out", type=Path, required=True, help="folder for <split>.index.json")
     parser.add_argument("--force", action="store_true", help="rebuild even when the index is up to date")
@@ -401,7 +455,9 @@ def base_parser(name: str, description: str | None) -> argparse.ArgumentParser:
 
 
 def run_cli(prepare: Callable[..., PrepReport], args: argparse.Namespace, option_names: Sequence[str]) -> int:
-    """Call `prepare` with the parsed arguments; returns the exit status (errors raise UserError)."""
+    """Call `prepare` with the parsed arguments; returns the exit status (errors raise UserError).
+    The output folder is checked first, before any file is read."""
+    atomic.check_paths(out_dirs={"--out": args.out}, in_dirs={"--raw": args.raw})
     options = {k: getattr(args, k) for k in ("workers", "name", *option_names)}
     prepare(args.raw, args.out, force=args.force, skip_bad=args.skip_bad, **options)
     return 0

@@ -83,7 +83,8 @@ def _items(split: str, path: Path, run: PrepRun) -> list[dict[str, Any]]:
     answered = split in ANSWERED
     out = []
     for qid, rec in data.items():
-        if not isinstance(rec, dict) or not rec.get("imageId") or not str(rec.get("question") or "").strip():
+        if (not isinstance(rec, dict) or not isinstance(rec.get("imageId"), str) or not rec["imageId"]
+                or not isinstance(rec.get("question"), str) or not rec["question"].strip()):
             run.bad(path, f"question {qid}: needs an imageId and a non-blank question", split)
             continue
         answer = rec.get("answer")

@@ -30,6 +30,7 @@ from mdpd_vl.data.prep.common import (
     first_dir,
     parse_options,
     read_json,
+    read_text,
 )
 from mdpd_vl.data.prep.media import check_features, check_image
 from mdpd_vl.errors import UserError
@@ -114,7 +115,7 @@ def _prepare_karpathy(raw: Path, out: Path, dataset: str, opts: dict[str, Any], 
     data = read_json(ann, info)
     expect(isinstance(data, dict) and isinstance(data.get("images"), list),
            "expected a Karpathy split JSON: {'images': [...], 'dataset': ...}", ann, "images")
-    if data.get("dataset") in INFO and data["dataset"] != dataset:
+    if isinstance(data.get("dataset"), str) and data["dataset"] in INFO and data["dataset"] != dataset:
         raise UserError(f"is the {data['dataset']!r} split, not {dataset!r}", where=str(ann), field="dataset")
     image_root = _image_root(raw, dataset, opts, data["images"], info)
     items: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
@@ -150,7 +151,7 @@ def _karpathy_item(img: Any, i: int, ann: Path, run: PrepRun) -> tuple[str, dict
         run.bad(ann, f"images[{i}]: no 'filename'")
         return None
     loc = f"images[{i}] ({img['filename']})"
-    split = SPLIT_OF.get(img.get("split"))  # type: ignore[arg-type]
+    split = SPLIT_OF.get(img["split"]) if isinstance(img.get("split"), str) else None
     if split is None:
         run.bad(ann, f"{loc}: split {img.get('split')!r} does not exist (valid: {', '.join(SPLIT_OF)})")
         return None
@@ -158,9 +159,12 @@ def _karpathy_item(img: Any, i: int, ann: Path, run: PrepRun) -> tuple[str, dict
     if not isinstance(sents, list) or not sents:
         run.bad(ann, f"{loc}: empty caption list", split)
         return None
-    captions = [s.get("raw", "").strip() if isinstance(s, dict) else "" for s in sents]
+    raws = [s.get("raw") if isinstance(s, dict) else None for s in sents]
+    captions = [r.strip() if isinstance(r, str) else "" for r in raws]
     if not all(captions):
-        run.bad(ann, f"{loc}: caption {captions.index('')} is blank or has no 'raw'", split)
+        k = captions.index("")
+        what = "is blank" if isinstance(raws[k], str) else f"has no 'raw' text (got {type(raws[k]).__name__})"
+        run.bad(ann, f"{loc}: caption {k} {what}", split)
         return None
     filepath = img.get("filepath")
     rel = f"{filepath}/{img['filename']}" if filepath else img["filename"]
@@ -215,11 +219,16 @@ def _prepare_precomp(raw: Path, out: Path, dataset: str, opts: dict[str, Any], f
 def _precomp_groups(pre: Path, split: str, ids_path: Path, run: PrepRun) -> tuple[list[tuple[int, int, list[str]]], int]:
     """(row, image id, captions) per image, and the number of rows `{split}_ims.npy` must have."""
     caps_path = pre / f"{split}_caps.txt"
-    captions = [line.strip() for line in caps_path.read_text(encoding="utf-8").splitlines()]
-    try:
-        ids = [int(x) for x in ids_path.read_text(encoding="utf-8").split()]
-    except ValueError as err:
-        raise UserError(f"expected one integer id a line ({err})", where=str(ids_path)) from None
+    # one caption a line: a file cut inside its last line would index a cut caption, so it is refused
+    captions = [line.strip() for line in read_text(caps_path, whole_lines=True).splitlines()]
+    ids = []
+    for n, line in enumerate(read_text(ids_path).splitlines(), start=1):
+        for x in line.split():
+            try:
+                ids.append(int(x))
+            except ValueError:
+                raise UserError(f"expected integer ids, got {x[:40]!r}", where=str(ids_path),
+                                field=f"line {n}") from None
     im_div = 1 if len(ids) == len(captions) else 5
     if im_div == 5 and len(captions) != 5 * len(ids):
         raise UserError(f"{len(captions)} captions for {len(ids)} ids; expected one id per caption or one "

@@ -87,7 +87,9 @@ def load_captions(pkl: Path, run: PrepRun) -> dict[str, list[str]]:
     try:
         with open(pkl, "rb") as f:
             data = pickle.load(f)  # trusted file from the user's own raw folder (see module docstring)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as err:
+    except OSError as err:
+        raise UserError(f"cannot read ({err.strerror or type(err).__name__})", where=str(pkl)) from None
+    except Exception as err:  # a cut or corrupt pickle fails in many ways (EOFError, KeyError, ...)
         raise UserError(f"not a readable pickle ({type(err).__name__}: {err}); the file looks truncated or "
                         f"corrupt; {INFO.where_to_get()}", where=str(pkl)) from None
     if not isinstance(data, dict):
@@ -97,8 +99,12 @@ def load_captions(pkl: Path, run: PrepRun) -> dict[str, list[str]]:
         if not isinstance(caps, (list, tuple)):
             run.bad(pkl, f"{vid}: captions are a {type(caps).__name__}, expected a list of token lists")
             continue
-        joined = [" ".join(str(t) for t in c).strip() if isinstance(c, (list, tuple)) else str(c).strip()
-                  for c in caps]
+        wrong = next((k for k, c in enumerate(caps) if not (isinstance(c, str) or (
+            isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c)))), None)
+        if wrong is not None:
+            run.bad(pkl, f"{vid}: caption {wrong} is not text (a list of token strings or a string)")
+            continue
+        joined = [" ".join(c).strip() if isinstance(c, (list, tuple)) else c.strip() for c in caps]
         if not all(joined):
             run.bad(pkl, f"{vid}: caption {joined.index('')} is blank")
             continue

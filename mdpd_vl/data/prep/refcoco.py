@@ -49,7 +49,7 @@ OFFICIAL = {
     ("refcocog", "umd"): {"train": 80512, "val": 4896, "test": 9602},
     ("refcocog", "google"): {"train": 85474, "val": 9536},
 }
-_URLS = ("https://github.com/lichengunc/refer (README: refcoco.zip, refcoco+.zip, refcocog.zip)",
+URLS = ("https://github.com/lichengunc/refer (README: refcoco.zip, refcoco+.zip, refcocog.zip)",
          "https://zenodo.org/record/4729015 (MDETR mdetr_annotations.tar.gz)",
          "http://images.cocodataset.org/zips/train2014.zip (images)")
 IMAGE_DIRS = ("train2014", "images/train2014", "images/mscoco/images/train2014", "coco/train2014")
@@ -65,7 +65,7 @@ def prepare(raw: Path, out: Path, *, force: bool = False, skip_bad: bool = False
     variant = choose(opts["variant"], tuple(VARIANTS), "refcoco prep", "variant")
     split_by = choose(opts["split_by"] or VARIANTS[variant][0], VARIANTS[variant], f"{variant} prep", "split_by")
     source = choose(opts["source"], ("auto", "refer", "mdetr"), f"{variant} prep", "source")
-    info = DatasetInfo(variant, OFFICIAL.get((variant, split_by), {}), "expressions", _URLS)
+    info = DatasetInfo(variant, OFFICIAL.get((variant, split_by), {}), "expressions", URLS)
     if not raw.is_dir():
         raise UserError(f"raw folder not found; {info.where_to_get()}", where=str(raw))
     pkl = find_input(raw, [f"refs({split_by}).p"], info, (variant, ""), required=source == "refer")
@@ -126,7 +126,9 @@ def load_refs(pkl: Path, info: DatasetInfo) -> list[Any]:
             except UnicodeDecodeError:  # Python 2 pickles with non-ASCII bytes
                 f.seek(0)
                 refs = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as err:
+    except OSError as err:
+        raise UserError(f"cannot read ({err.strerror or type(err).__name__})", where=str(pkl)) from None
+    except Exception as err:  # a cut or corrupt pickle fails in many ways (EOFError, KeyError, ...)
         raise UserError(f"not a readable pickle ({type(err).__name__}: {err}); the file looks truncated or "
                         f"corrupt; {info.where_to_get()}", where=str(pkl)) from None
     expect(isinstance(refs, list), f"expected a list of refs, got {type(refs).__name__}", pkl)
@@ -146,6 +148,21 @@ def xywh_to_xyxy(bbox: Any) -> list[float] | None:
     return [x, y, x + w, y + h]
 
 
+def _key(value: Any) -> Any:
+    """`value` when it can be a dict key of an id (str/int), else None (a list id matches nothing)."""
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _size(img: dict[str, Any]) -> str | None:
+    """Why the image's width/height are unusable (absent is fine), else None."""
+    for key in ("width", "height"):
+        v = img.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            return f"image {img.get('id')} has {key} {v!r}, expected a positive number"
+    return None
+
+
 def _strip_ann_id(name: Any) -> str | None:
     """refer's `COCO_train2014_000000581857_16.jpg` (image + ann id) -> the COCO file name."""
     if not isinstance(name, str) or name.count("_") < 3:
@@ -160,8 +177,10 @@ def _read_refer(pkl: Path, instances: Path, splits: tuple[str, ...], info: Datas
     expect(isinstance(inst, dict) and isinstance(inst.get("images"), list)
            and isinstance(inst.get("annotations"), list), "expected COCO-style images and annotations",
            instances, "annotations")
-    images = {im.get("id"): im for im in inst["images"] if isinstance(im, dict)}
-    anns = {a.get("id"): a for a in inst["annotations"] if isinstance(a, dict)}
+    images = {_key(im.get("id")): im for im in inst["images"] if isinstance(im, dict)}
+    anns = {_key(a.get("id")): a for a in inst["annotations"] if isinstance(a, dict)}
+    images.pop(None, None)
+    anns.pop(None, None)
     items: dict[str, list[dict[str, Any]]] = {s: [] for s in splits}
     for k, ref in enumerate(refs):
         if not isinstance(ref, dict):
@@ -169,10 +188,10 @@ def _read_refer(pkl: Path, instances: Path, splits: tuple[str, ...], info: Datas
             continue
         loc = f"refs[{k}] (ref_id {ref.get('ref_id')})"
         split = ref.get("split")
-        if split not in items:
+        if not isinstance(split, str) or split not in items:
             run.bad(pkl, f"{loc}: split {split!r} does not exist (valid: {', '.join(splits)})")
             continue
-        ann, img = anns.get(ref.get("ann_id")), images.get(ref.get("image_id"))
+        ann, img = anns.get(_key(ref.get("ann_id"))), images.get(_key(ref.get("image_id")))
         box = xywh_to_xyxy(ann.get("bbox")) if ann else None
         if ann is None or img is None:
             what = "ann_id" if ann is None else "image_id"
@@ -185,12 +204,16 @@ def _read_refer(pkl: Path, instances: Path, splits: tuple[str, ...], info: Datas
         if not isinstance(file_name, str):
             run.bad(instances, f"{loc}: image {img.get('id')} has no file_name", split)
             continue
+        if (why := _size(img)) is not None:
+            run.bad(instances, f"{loc}: {why}", split)
+            continue
         sents = ref.get("sentences")
         if not isinstance(sents, list) or not sents:
             run.bad(pkl, f"{loc}: empty caption list (no sentences)", split)
             continue
         for s in sents:
-            text = (s.get("sent") or s.get("raw") or "").strip() if isinstance(s, dict) else ""
+            text = (s.get("sent") or s.get("raw")) if isinstance(s, dict) else None
+            text = text.strip() if isinstance(text, str) else ""
             if not text:
                 run.bad(pkl, f"{loc}: sentence {s.get('sent_id') if isinstance(s, dict) else s!r} is blank", split)
                 continue
@@ -214,18 +237,19 @@ def _read_mdetr(files: dict[str, Path], splits: tuple[str, ...], info: DatasetIn
                path, "annotations")
         per_image: dict[Any, list[dict[str, Any]]] = {}
         for a in data["annotations"]:
-            if isinstance(a, dict):
-                per_image.setdefault(a.get("image_id"), []).append(a)
+            if isinstance(a, dict) and _key(a.get("image_id")) is not None:
+                per_image.setdefault(a["image_id"], []).append(a)
         items[split] = []
         for k, img in enumerate(data["images"]):
-            anns = per_image.get(img.get("id"), []) if isinstance(img, dict) else []
+            anns = per_image.get(_key(img.get("id")), []) if isinstance(img, dict) else []
             loc = f"images[{k}]"
             if len(anns) != 1:  # MDETR's evaluator asserts exactly one box per expression
                 run.bad(path, f"{loc}: {len(anns)} annotations, expected exactly one", split)
                 continue
-            box, text = xywh_to_xyxy(anns[0].get("bbox")), str(img.get("caption") or "").strip()
+            caption = img.get("caption")
+            box, text = xywh_to_xyxy(anns[0].get("bbox")), caption.strip() if isinstance(caption, str) else ""
             problem = ("no valid bbox" if box is None else "blank caption" if not text
-                       else "no file_name" if not isinstance(img.get("file_name"), str) else None)
+                       else "no file_name" if not isinstance(img.get("file_name"), str) else _size(img))
             if problem:
                 run.bad(path, f"{loc}: {problem}", split)
                 continue

@@ -168,11 +168,13 @@ def _records(split: str, q_file: Path, a_file: Path | None, run: PrepRun) -> lis
         adata = read_json(a_file, INFO)
         expect(isinstance(adata, dict) and isinstance(adata.get("annotations"), list),
                "expected {'annotations': [...]}", a_file, "annotations")
-        anns = {a.get("question_id"): a for a in adata["annotations"] if isinstance(a, dict)}
+        anns = {a["question_id"]: a for a in adata["annotations"]
+                if isinstance(a, dict) and isinstance(a.get("question_id"), (int, str))}
     out = []
     for k, q in enumerate(qdata["questions"]):
         if not (isinstance(q, dict) and isinstance(q.get("image_id"), int) and isinstance(q.get("question"), str)
-                and q["question"].strip() and "question_id" in q):
+                and q["question"].strip() and isinstance(q.get("question_id"), (int, str))
+                and not isinstance(q.get("image_id"), bool)):
             run.bad(q_file, f"questions[{k}]: needs question_id, image_id (int) and a non-blank question", split)
             continue
         ann = anns.get(q["question_id"]) if a_file is not None else None
