@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import yaml
 
 import mdpd_vl
+from mdpd_vl.atomic import write_text
 
 _TEMPLATE = Path(__file__).resolve().parent / "card_template.md"
 
@@ -37,10 +36,7 @@ def write_model_card(path: str | Path, fields: Mapping[str, Any], template: str 
         values["config_yaml"] = yaml.safe_dump(values["config"], sort_keys=False).strip()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text.format_map(_Missing(values)))
-    os.replace(tmp, path)
+    write_text(path, text.format_map(_Missing(values)))  # atomic, umask honoured, full disk = one line
     return path
 
 

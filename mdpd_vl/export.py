@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from mdpd_vl.atomic import write_with as _atomic_write  # temp file + rename; full disk = one line
 from mdpd_vl.backbones.base import Backbone
 from mdpd_vl.errors import UserError
 
@@ -76,18 +75,6 @@ def build_head(spec: dict[str, Any], where: str | None = None) -> nn.Module:
     except (ImportError, AttributeError):
         raise UserError(f"no head class {target!r}", where=where, field="head.target") from None
     return cls(**spec.get("kwargs", {}))
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_faded(faded: FadedModel, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:

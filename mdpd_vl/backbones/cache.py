@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from mdpd_vl.atomic import write_with
 from mdpd_vl.backbones.base import Backbone, Precomputed
 
 
@@ -111,8 +110,5 @@ def cached_features(backbone: Backbone, batches: Iterable[Any], folder: str | Pa
     tensors = {f"layer{i}": t.contiguous() for i, t in enumerate(store.layers)}
     if store.mask is not None:
         tensors["mask"] = store.mask.contiguous()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache file
+    write_with(path, lambda tmp: save_file(tensors, tmp))  # atomic; a full disk is one line
     return store, False

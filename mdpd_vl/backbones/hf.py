@@ -9,6 +9,8 @@ Dual-encoder checkpoints (CLIP, SigLIP) are opened as their text or vision tower
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +58,42 @@ def make_config(config: Any) -> Any:
     return AutoConfig.for_model(config["model_type"], **rest)
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (`org/model`): absolute, `./`, `../`, `~`, or existing here."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or os.path.exists(os.path.expanduser(name))
+
+
+def check_source(name: str) -> None:
+    """A local model folder must exist, be a folder and hold a readable `config.json`: checked before
+    transformers is asked (which would try the hub for a missing folder and print a traceback)."""
+    if not _looks_local(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        what = "model folder not found" if not path.exists() else "not a folder"
+        raise UserError(f"{what}; pass a folder written by save_pretrained, or a hub name", where=name,
+                        field="backbone")
+    config = path / "config.json"
+    try:
+        with open(config, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        reason = "no config.json: not a transformers model folder" if isinstance(err, FileNotFoundError) \
+            else f"cannot read config.json ({err.strerror or type(err).__name__})"
+        raise UserError(reason, where=name, field="backbone") from None
+
+
+def _load(what: str, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` (a transformers `from_pretrained`), any failure one UserError line."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        hint = "" if _looks_local(name) else " (a hub name needs the network, or a local folder)"
+        raise UserError(f"cannot load the {what}{hint}: {type(err).__name__}: {first}", where=name,
+                        field="backbone") from None
+
+
 def _build_model(
     name: str | None,
     config: Any,
@@ -71,7 +109,9 @@ def _build_model(
         raise UserError("give a model name/folder or a config", field="backbone")
     cfg = make_config(config) if config is not None else None
     if cfg is None:
-        cfg = transformers.AutoConfig.from_pretrained(name, local_files_only=local_files_only)
+        check_source(name)
+        cfg = _load("model config", name, transformers.AutoConfig.from_pretrained, name,
+                    local_files_only=local_files_only)
     if model_class is None and cfg.model_type in _TOWERS:
         model_class = _TOWERS[cfg.model_type][tower]
     cls = getattr(transformers, model_class) if model_class else transformers.AutoModel
@@ -83,8 +123,8 @@ def _build_model(
         cfg = sub
     if pretrained and config is None:
         if cls is transformers.AutoModel:
-            return cls.from_pretrained(name, local_files_only=local_files_only)
-        return cls.from_pretrained(name, config=cfg, local_files_only=local_files_only)
+            return _load("model weights", name, cls.from_pretrained, name, local_files_only=local_files_only)
+        return _load("model weights", name, cls.from_pretrained, name, config=cfg, local_files_only=local_files_only)
     return transformers.AutoModel.from_config(cfg) if cls is transformers.AutoModel else cls(cfg)
 
 
@@ -186,7 +226,8 @@ class HFText(Backbone):
                 raise UserError(
                     "this text backbone was built from a config without a tokenizer", field="tokenizer"
                 )
-            self._tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=self.local_files_only)
+            self._tokenizer = _load("tokenizer", str(source), AutoTokenizer.from_pretrained, source,
+                                    local_files_only=self.local_files_only)
         return self._tokenizer
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:

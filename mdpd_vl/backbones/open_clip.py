@@ -18,6 +18,15 @@ from mdpd_vl.backbones.timm import MapGridMixin, timm_layer_modules, token_grid
 from mdpd_vl.errors import UserError
 
 
+def _load_failure(name: str, path: str, field: str, err: Exception) -> UserError:
+    """One line for a local weights file that does not load (cut, corrupt, foreign, unreadable)."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    if "weights only load failed" in first.lower():  # torch's advice (weights_only=False) is not ours
+        first = "not a plain weights file (cut, corrupt, or it pickles more than tensors)"
+    return UserError(f"cannot load these weights into {name}: {type(err).__name__}: {first}", where=path,
+                     field=field)
+
+
 def create_clip(
     name: str, pretrained: str | None = None, checkpoint: str | None = None, **model_kwargs: Any
 ) -> nn.Module:
@@ -31,7 +40,13 @@ def create_clip(
             f"unknown open_clip model {name!r} (see `python -m mdpd_vl.backbones --list`)",
             field="backbone",
         )
-    if pretrained and not os.path.isfile(pretrained):
+    local = bool(pretrained) and (os.path.exists(pretrained) or pretrained.startswith(("/", "./", "../", "~"))
+                                  or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")))
+    if local and not os.path.isfile(pretrained):  # type: ignore[arg-type]
+        what = "weights file not found" if not os.path.exists(pretrained) else "not a file"  # type: ignore[arg-type]
+        raise UserError(f"{what}; pass an open_clip checkpoint file or a pretrained tag", where=pretrained,
+                        field="pretrained")
+    if pretrained and not local:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise UserError(
@@ -46,7 +61,11 @@ def create_clip(
             pretrained_text=False,  # never fetch a separate HF text tower behind the user's back
             **model_kwargs,
         )
-    except RuntimeError as err:
+    except Exception as err:  # a local file's failures (torch, safetensors, OS) are one line
+        if local:
+            raise _load_failure(name, pretrained, "pretrained", err) from None  # type: ignore[arg-type]
+        if not isinstance(err, RuntimeError):
+            raise
         if pretrained and "download" in str(err).lower():
             raise UserError(
                 f"could not fetch {name}/{pretrained} (needs network; or pass a local file): {err}",
@@ -56,7 +75,10 @@ def create_clip(
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise UserError("file not found", where=checkpoint, field="checkpoint")
-        open_clip.load_checkpoint(model, checkpoint, weights_only=True)
+        try:
+            open_clip.load_checkpoint(model, checkpoint, weights_only=True)
+        except Exception as err:  # a cut, foreign or unreadable file: one line
+            raise _load_failure(name, checkpoint, "checkpoint", err) from None
     return model
 
 

@@ -8,14 +8,16 @@ so a crash or two workers writing the same entry never leave a half-written file
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mdpd_vl.atomic import write_bytes
 
 ENV = "MDPD_CACHE"
 
@@ -70,11 +72,6 @@ class ArrayCache:
             return
         f = self._file(self.key(path, params))
         f.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(tmp, f)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes(f, buf.getvalue())  # atomic; a full disk is one line naming the entry

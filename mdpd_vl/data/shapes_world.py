@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mdpd_vl.atomic import guard_writes, write_text
 from mdpd_vl.data import shapes_formats as fmt
 from mdpd_vl.data.shapes_qa import questions
 from mdpd_vl.data.shapes_scenes import (
@@ -278,6 +279,7 @@ def _remove_ours(path: Path) -> None:
 
 
 
+@guard_writes(lambda root, *a, **k: [Path(root) / f"{RAW_DIR}.partial"])  # full disk: one line, no partial left
 def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, force: bool = False,
                  progress: bool = True) -> ShapesReport:
     """Generate the world into `root` (raw originals + one index folder per task, see TASK_DIRS).
@@ -324,9 +326,7 @@ def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, for
         bar.update()
     bar.close()
     report.seconds = round(time.perf_counter() - t0, 2)
-    tmp = root / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
-    tmp.replace(root / MARKER)
+    write_text(root / MARKER, json.dumps(asdict(report), indent=1))
     print(summary(report))
     return report
 

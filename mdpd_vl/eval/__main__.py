@@ -10,17 +10,41 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mdpd_vl.atomic import check_paths
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.eval import report as io
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh_norm")
 
 
+def _finite_matrix(path: str) -> Any:
+    """`io.load_matrix`, refusing inf/nan scores (a ranking of inf ties is no metric)."""
+    import numpy as np
+
+    sims = io.load_matrix(path)
+    if np.issubdtype(sims.dtype, np.number) and not np.isfinite(sims).all():
+        row, col = (int(v) for v in np.argwhere(~np.isfinite(sims))[0][:2]) if sims.ndim >= 2 else (0, 0)
+        raise UserError(f"holds a non-finite score (first at row {row}, column {col}); write finite "
+                        "similarities", where=path)
+    return sims
+
+
+def _threshold(text: str) -> float:
+    """An IoU threshold: a finite number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def run_itr(args: argparse.Namespace) -> tuple[dict, str, dict]:
     """Image-text retrieval from a .npy images x captions matrix."""
     from mdpd_vl.eval.retrieval import evaluate_itr
 
-    sims = io.load_matrix(args.sims)
+    sims = _finite_matrix(args.sims)
     owner = io.load_mapping(args.mapping, "caption_to_image") if args.mapping else None
     with io.blame(args.mapping or args.sims):
         m = evaluate_itr(sims, owner, captions_per_image=args.captions_per_image, folds=args.folds)
@@ -34,7 +58,7 @@ def run_vtr(args: argparse.Namespace) -> tuple[dict, str, dict]:
     """Video-text retrieval from a .npy texts x videos matrix."""
     from mdpd_vl.eval.video_retrieval import evaluate_vtr
 
-    sims = io.load_matrix(args.sims)
+    sims = _finite_matrix(args.sims)
     owner = io.load_mapping(args.mapping, "text_to_video") if args.mapping else None
     with io.blame(args.mapping or args.sims):
         m = evaluate_vtr(sims, owner, multi_sentence=args.multi_sentence)
@@ -240,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy",
                     help="predicted box format (cxcywh_norm = MDETR's raw normalised output)")
     gr.add_argument("--split", help="split label for an MDETR file (default: from its name)")
-    gr.add_argument("--threshold", type=float, default=0.5)
+    gr.add_argument("--threshold", type=_threshold, default=0.5, help="IoU threshold in (0, 1]")
     gr.set_defaults(run=run_grounding)
     for s in (itr, vtr, vqa, gqa, gr):
         s.add_argument("--out", help="write the metrics JSON here")
@@ -251,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, score, print the table, write --out."""
     args = build_parser().parse_args(argv)
+    check_paths(out_files={"--out": args.out})  # before any scoring: a bad --out fails at once
     metrics, text, inputs = args.run(args)
     print(text)
     if args.out:

@@ -42,6 +42,8 @@ def load_json(path: str | Path) -> Any:
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"not valid JSON ({err})", where=str(p)) from None
+    except OSError as err:
+        raise UserError(f"cannot read ({err.strerror or type(err).__name__})", where=str(p)) from None
 
 
 def is_index(obj: Any) -> bool:
@@ -65,7 +67,7 @@ def load_matrix(path: str | Path) -> np.ndarray:
     p = _existing(path)
     try:
         arr = np.load(p, allow_pickle=False)
-    except ValueError as err:
+    except (ValueError, EOFError) as err:  # EOFError: an empty file
         raise UserError(f"not a plain .npy array ({err}); save the matrix with np.save(path, sims)",
                         where=str(p)) from None
     except OSError as err:
@@ -101,7 +103,12 @@ def load_mapping(path: str | Path, key: str) -> np.ndarray:
             raise UserError("expected a list of integers", where=str(p), field=key)
         return np.asarray(obj, dtype=np.int64)
     values = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.reason if isinstance(err, UnicodeDecodeError) else err.strerror
+        raise UserError(f"cannot read as UTF-8 text ({reason})", where=str(p)) from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 values.append(int(line.strip()))

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from mdpd_vl.atomic import check_paths
 from mdpd_vl.distill.config import DistillConfig
-from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config
+from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config, parse_name_list
 from mdpd_vl.engine.train import train
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.heads.retrieval import DualTowerRetrieval, RetrievalConfig
@@ -150,8 +151,8 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
 def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
     """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
     common.seed_everything(cfg.train.seed)
-    folder = index_dir(cfg)
     model = build_model(cfg)  # bad names fail here, before anything is written
+    folder = index_dir(cfg)
     out = common.check_output_dir(output_dir or cfg.output_dir)
     data = ev.RetrievalData.build(cfg, model, folder)
     print(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
@@ -204,18 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         from mdpd_vl.engine.config import atomic_write_text, config_to_yaml
 
+        check_paths(out_files={"--print-config": args.print_config})
         header = f"python -m mdpd_vl.tasks.itr --config {args.print_config}"
         atomic_write_text(args.print_config, config_to_yaml(cfg, header))
         return 0
+    check_paths(out_dirs={"--output-dir": cfg.output_dir}, in_dirs={"--data-root": common.data_root(cfg.data.root)})
     if not args.compare:
         run(cfg, command)
         return 0
-    methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+    methods = parse_name_list(args.compare, "--compare", lambda name: replace(cfg.method, name=name))  # all checked
     rows = []
-    for name in methods:
+    for method in methods:
         mcfg = copy.deepcopy(cfg)
-        mcfg.method = replace(cfg.method, name=name)  # validated: an unknown name is a UserError here
-        rows.append(run(mcfg, command, Path(cfg.output_dir) / name))
+        mcfg.method = method
+        rows.append(run(mcfg, command, Path(cfg.output_dir) / method.name))
     ev.write_comparison(Path(cfg.output_dir), rows, command)
     return 0
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Subset
 
+from mdpd_vl.atomic import write_text as atomic_write_text
 from mdpd_vl.cards import markdown_table, write_model_card
 from mdpd_vl.data import retrieval_inputs as ri
 from mdpd_vl.data.datasets import ImageTextEval
@@ -234,7 +235,7 @@ def write_comparison(folder: Path, rows: list[dict[str, Any]], command: str) -> 
     table = [row(r["method"], r) for r in rows]
     text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "compare.md").write_text(text)
+    atomic_write_text(folder / "compare.md", text)
     common.write_json(folder / "compare.json", {"command": command, "rows": table})
     plot(folder / "compare.png", table)
     print(text)
