@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -40,7 +40,6 @@ __all__ = [
     "temp_path",
     "write_bytes",
     "write_files",
-    "write_new",
     "write_text",
     "write_with",
 ]
@@ -158,23 +157,6 @@ def _write_chunks(fh: BinaryIO, data: bytes | memoryview) -> None:
     view = memoryview(data)
     for start in range(0, len(view), _CHUNK):
         fh.write(view[start : start + _CHUNK])
-
-
-def write_new(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to `path` in place (a new file in a temp folder the caller renames as a whole),
-    fsynced; on failure the partial file is removed and a `WriteError` names it."""
-    path = Path(path)
-    blob = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(path, "wb") as fh:
-            _write_chunks(fh, blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise write_error(err, path, len(blob)) from None
-    return path
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -347,6 +329,9 @@ def check_file(path: str | Path, flag: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError("is a folder; name a file", where=str(path), field=flag)
+    blocker = _first_non_dir(path.parent.absolute())
+    if blocker is not None:
+        raise UserError(f"is under the regular file {blocker}; name a file in a folder", where=str(path), field=flag)
     check_dir(path.parent, flag)
     return path
 
@@ -365,15 +350,3 @@ def check_paths(out_dirs: Mapping[str, Any] | None = None, in_dirs: Mapping[str,
     for flag, p in (out_files or {}).items():
         if p is not None:
             check_file(p, flag)
-
-
-@contextlib.contextmanager
-def removing_on_error(*paths: Path) -> Iterator[None]:
-    """Remove `paths` (files or folders) when the block raises; re-raise."""
-    try:
-        yield
-    except BaseException:
-        for p in paths:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        raise

@@ -12,6 +12,7 @@ item would change the metric.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -67,6 +68,10 @@ def load_index(path: str | Path, kind: str | Sequence[str] | None = None) -> dic
         missing = [f for f in KIND_FIELDS[data["kind"]] if not isinstance(item, dict) or f not in item]
         if missing:
             raise UserError(f"item {i} lacks {', '.join(missing)}", where=str(path), field=f"items[{i}]")
+        for name in KIND_FIELDS[data["kind"]]:
+            if (why := _field_problem(name, item[name])) is not None:
+                raise UserError(f"{why}; re-run the data_prep script with --force", where=str(path),
+                                field=f"items[{i}].{name}")
     if not isinstance(data.get("media_root"), str):
         raise UserError("no media_root", where=str(path), field="media_root")
     root = Path(data["media_root"])
@@ -74,6 +79,21 @@ def load_index(path: str | Path, kind: str | Sequence[str] | None = None) -> dic
     data["media_root"] = str(root if root.is_absolute() else (path.parent / root).resolve())
     data["path"] = str(path)
     return data
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """Why an index field has the wrong type or shape (a hand-edited or foreign index), else None."""
+    if name in ("image", "video", "feature_file", "question", "sentence") and not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if name == "captions" and not (isinstance(value, list) and value and all(isinstance(c, str) and c.strip()
+                                                                                for c in value)):
+        return "expected a non-empty list of non-blank strings"
+    if name == "bbox_xyxy" and not (isinstance(value, list) and len(value) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        return "expected 4 finite numbers [x1, y1, x2, y2]"
+    if name == "answers" and not isinstance(value, dict):
+        return f"expected a mapping answer -> score, got {type(value).__name__}"
+    return None
 
 
 def _as_index(index: str | Path | Mapping[str, Any], kinds: Sequence[str]) -> dict[str, Any]:

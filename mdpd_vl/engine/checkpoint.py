@@ -217,7 +217,8 @@ def settings_diff(
     (key, saved, now), split by whether a resume must refuse them or may apply them (`free`)."""
     patterns = tuple(free)
     fixed, changed = [], []
-    for key in sorted(set(saved) | set(now)):
+    # dotted config keys first (what the user set), then the engine's own facts (groups, sizes)
+    for key in sorted(set(saved) | set(now), key=lambda k: ("." not in k or k.startswith("groups["), k)):
         old, new = saved.get(key, _UNSET), now.get(key, _UNSET)
         if old == new and type(old) is type(new):
             continue
