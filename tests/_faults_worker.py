@@ -10,6 +10,8 @@
   generating a dataset).
 - `--fsize BYTES`: no file may grow beyond BYTES (RLIMIT_FSIZE, SIGXFSZ ignored): every larger write
   fails with EFBIG as on a full disk, for any writer, including libraries' own.
+- `--user-errors`: for a target that is not a CLI (a test script), report a UserError as the CLIs do
+  (`error: <line>`, exit status 2). Never used for the project's CLIs, which must do it themselves.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--fsize", type=int)
     parser.add_argument("--module")
     parser.add_argument("--script")
+    parser.add_argument("--user-errors", action="store_true")
     args = parser.parse_args(argv[:cut])
     if args.fsize is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -69,11 +72,19 @@ def main() -> None:
 
         setattr(module, func, killing)
     sys.argv = [args.module or args.script, *argv[cut + 1 :]]
-    if args.module:
-        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
-        runpy.run_path(args.script, run_name="__main__")
+    from mdpd_vl.errors import UserError
+
+    try:
+        if args.module:
+            runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+            runpy.run_path(args.script, run_name="__main__")
+    except UserError as err:
+        if not args.user_errors:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

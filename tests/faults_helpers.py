@@ -71,7 +71,8 @@ def env() -> dict[str, str]:
 
 
 def run_faulty(target: list[str], args: list[str], *, kill_fsync: str | None = None, kill_call: str | None = None,
-               fsize: int | None = None, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+               fsize: int | None = None, cwd: Path | None = None, timeout: int = 300,
+               user_errors: bool = False) -> subprocess.CompletedProcess:
     """Run `--module NAME` / `--script PATH` with `args` in a child process, with the fault injected."""
     cmd = [sys.executable, str(WORKER)]
     if kill_fsync:
@@ -80,6 +81,8 @@ def run_faulty(target: list[str], args: list[str], *, kill_fsync: str | None = N
         cmd += ["--kill-call", kill_call]
     if fsize is not None:
         cmd += ["--fsize", str(fsize)]
+    if user_errors:
+        cmd.append("--user-errors")
     cmd += [*target, "--", *args]
     return subprocess.run(cmd, env=env(), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
 
