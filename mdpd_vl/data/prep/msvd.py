@@ -64,14 +64,18 @@ def prepare(raw: Path, out: Path, *, force: bool = False, skip_bad: bool = False
     used: dict[Path, set[str]] = {}
     items: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for split, path in lists.items():
-        for vid in read_lines(path):  # type: ignore[arg-type]
+        vids = read_lines(path)  # type: ignore[arg-type]
+        if not vids:  # a split list with no id is a cut download, not an empty split
+            raise UserError(f"is empty (expected one clip id a line); {INFO.where_to_get()}", where=str(path))
+        for vid in vids:
             caps = captions.get(vid, [])
             if not caps:
                 run.bad(pkl, f"{vid}: empty caption list ({path.name} names it)", split)  # type: ignore[union-attr]
                 continue
             video = videos.get(vid)
             if video is None:
-                run.bad(video_dir / f"{vid}.avi", f"missing (no file named {vid}.* under the video folder)", split)
+                run.bad(video_dir / f"{vid}.avi", f"missing (no file named {vid}.* under the video folder; "
+                        f"{path.name} lists it)", split)
                 continue
             used.setdefault(video, set()).add(split)
             items[split].append({"video": video.relative_to(video_dir).as_posix(), "video_id": vid,
