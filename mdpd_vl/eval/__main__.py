@@ -18,12 +18,17 @@ BOX_FORMATS = ("xyxy", "xywh", "cxcywh_norm")
 
 
 def _finite_matrix(path: str) -> Any:
-    """`io.load_matrix`, refusing inf/nan scores (a ranking of inf ties is no metric)."""
+    """`io.load_matrix`, checked here so that a bad matrix is blamed on its own file (not on the
+    mapping): 2-D, numbers, and no inf/nan score (a ranking of inf ties is no metric)."""
     import numpy as np
 
     sims = io.load_matrix(path)
-    if np.issubdtype(sims.dtype, np.number) and not np.isfinite(sims).all():
-        row, col = (int(v) for v in np.argwhere(~np.isfinite(sims))[0][:2]) if sims.ndim >= 2 else (0, 0)
+    if sims.ndim != 2:
+        raise UserError(f"expected a 2-D similarity matrix, got shape {tuple(sims.shape)}", where=path)
+    if not (np.issubdtype(sims.dtype, np.number) and not np.issubdtype(sims.dtype, np.complexfloating)):
+        raise UserError(f"expected numbers, got dtype {sims.dtype}", where=path)
+    if not np.isfinite(sims).all():
+        row, col = (int(v) for v in np.argwhere(~np.isfinite(sims))[0])
         raise UserError(f"holds a non-finite score (first at row {row}, column {col}); write finite "
                         "similarities", where=path)
     return sims
@@ -276,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, score, print the table, write --out."""
     args = build_parser().parse_args(argv)
     check_paths(out_files={"--out": args.out})  # before any scoring: a bad --out fails at once
+    if args.out and not Path(args.out).expanduser().parent.is_dir():
+        raise UserError("the output folder does not exist", where=str(Path(args.out).parent), field="--out")
     metrics, text, inputs = args.run(args)
     print(text)
     if args.out:
