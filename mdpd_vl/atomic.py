@@ -38,6 +38,7 @@ __all__ = [
     "fsync_dir",
     "guard_writes",
     "temp_path",
+    "tensor_bytes",
     "write_bytes",
     "write_files",
     "write_text",
@@ -86,7 +87,7 @@ def write_error(err: OSError, path: str | Path, needed: int | None, *, at_least:
     reason = err.strerror or type(err).__name__
     parts = [f"cannot write ({reason})"]
     if err.errno in _SPACE:
-        if needed is not None:
+        if needed:
             parts.append(f"it needs {'at least ' if at_least else ''}{needed:,} bytes")
         free = free_bytes(path)
         if free is not None:
@@ -209,7 +210,10 @@ def write_with(path: str | Path, writer: Callable[[str], Any], size_hint: int | 
         clean_stale(path.parent, path.name)
         tmp = temp_path(path)
         _open_new(tmp).close()  # reserve the name with the umask's mode; the writer truncates it
-        writer(str(tmp))
+        try:
+            writer(str(tmp))
+        except Exception as err:  # a library's own I/O error type (safetensors: "os error 28")
+            raise _os_error(err) from err
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         _replace(tmp, path)
@@ -227,6 +231,25 @@ def write_with(path: str | Path, writer: Callable[[str], Any], size_hint: int | 
                 tmp.unlink()
         raise
     return path
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _os_error(err: Exception) -> Exception:
+    """`err` as the OSError it reports when a library wraps one in its own type (Rust I/O errors
+    read "... (os error 28)"), else `err` itself."""
+    if isinstance(err, OSError):
+        return err
+    m = _OS_ERROR.search(str(err))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else err
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors a safetensors file of `obj` (an `nn.Module` or a name -> tensor mapping)
+    holds: the `size_hint` of `write_with` for such a file (its small JSON header aside)."""
+    tensors = obj.state_dict().values() if hasattr(obj, "state_dict") else obj.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def write_files(folder: str | Path, files: Mapping[str, bytes | str]) -> None:

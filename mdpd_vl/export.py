@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mdpd_vl.atomic import tensor_bytes
 from mdpd_vl.atomic import write_with as _atomic_write  # temp file + rename; full disk = one line
 from mdpd_vl.backbones.base import Backbone
 from mdpd_vl.errors import UserError
@@ -97,7 +98,7 @@ def export_faded(faded: FadedModel, out_dir: str | Path, extra_config: dict[str,
         "extra": extra_config or {},
     }
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(out / WEIGHTS, lambda tmp: save_model(faded, tmp, metadata={"format": FORMAT}))
+    _atomic_write(out / WEIGHTS, lambda tmp: save_model(faded, tmp, metadata={"format": FORMAT}), tensor_bytes(faded))
     _atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
     return out
 

@@ -157,3 +157,17 @@ def test_guard_writes_removes_the_partial_output(tmp_path: Path) -> None:
                                                 r"least 300 bytes"):
         build(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_library_writer_that_wraps_the_os_error_is_one_line_too(folder: Path) -> None:
+    # safetensors reports a refused write as SafetensorError("... (os error 27)"), not as an OSError
+    code = ("import resource, signal, torch; from safetensors.torch import save_file; from mdpd_vl import atomic\n"
+            "from mdpd_vl.errors import cli_entry\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+            "t = {'w': torch.zeros(10000)}\n"
+            f"cli_entry(lambda: atomic.write_with({str(folder / 'w.safetensors')!r}, lambda tmp: save_file(t, tmp),"
+            " atomic.tensor_bytes(t)))()\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "w.safetensors: cannot write (File too large); it needs 40,000 bytes" in done.stderr
+    assert list(folder.iterdir()) == []

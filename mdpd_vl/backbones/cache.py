@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from mdpd_vl.atomic import write_with
+from mdpd_vl.atomic import tensor_bytes, write_with
 from mdpd_vl.backbones.base import Backbone, Precomputed
 
 
@@ -110,5 +110,5 @@ def cached_features(backbone: Backbone, batches: Iterable[Any], folder: str | Pa
     tensors = {f"layer{i}": t.contiguous() for i, t in enumerate(store.layers)}
     if store.mask is not None:
         tensors["mask"] = store.mask.contiguous()
-    write_with(path, lambda tmp: save_file(tensors, tmp))  # atomic; a full disk is one line
+    write_with(path, lambda tmp: save_file(tensors, tmp), tensor_bytes(tensors))  # atomic; full disk: one line
     return store, False
