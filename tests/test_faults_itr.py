@@ -170,6 +170,7 @@ def test_full_disk_writing_the_results_is_one_line(world: Path, tmp_path: Path, 
     assert json.loads((out / "results.json").read_text())["train_steps"] == 1 and temp_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_kill_during_the_export_leaves_no_temp_file_after_the_next_run(world: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = run_faulty(["--module", "mdpd_vl.tasks.itr"], _tiny(world, out),
