@@ -229,6 +229,44 @@ def settings_diff(
     return fixed, changed
 
 
+def group_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Each group's own hyper-parameters as set up (peak lr, before any schedule), by group name."""
+    return {g["name"]: {"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
+                        "betas": list(g["betas"]), "eps": g["eps"]} for g in optimizer.param_groups}
+
+
+def resume_facts(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything a resume must match (or may change), as dotted keys: run settings, process count,
+    data size, the param groups and their hyper-parameters (from a checkpoint's or a run's meta)."""
+    facts = dict(meta.get("settings", {}))
+    for key in ("world_size", "dataset_len", "groups", "group_sizes"):
+        facts[key] = meta.get(key)
+    for name, hp in (meta.get("group_hparams") or {}).items():
+        facts.update({f"groups[{name}].{k}": v for k, v in hp.items()})
+    return json.loads(json.dumps(facts, default=str))
+
+
+def check_resume(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any],
+                 free: Iterable[str] = RESUME_FREE) -> list[tuple[str, Any, Any]]:
+    """Refuse (one UserError line naming every key) a resume from checkpoint `path` whose meta `saved`
+    differs from this run's `now` outside `free`; returns the free keys that changed."""
+    if "settings" not in saved:  # written before settings were recorded: compare the keys it has
+        for key in ("world_size", "batch_size", "grad_accum", "seed", "dataset_len", "groups", "group_sizes"):
+            if saved.get(key) != now.get(key):
+                raise UserError(f"checkpoint was written with {key}={saved.get(key)!r}, this run has "
+                                f"{now.get(key)!r}; resume with the same settings or use a fresh run folder",
+                                where=str(path), field=key)
+        return []
+    fixed, changed = settings_diff(resume_facts(saved), resume_facts(now), free)
+    if fixed:
+        raise UserError(
+            f"this run's settings differ from the checkpoint's: {describe_diff(fixed)}; resume with the "
+            f"checkpoint's values, or start afresh in another run folder (or remove {path.parent})",
+            where=str(path),
+        )
+    return changed
+
+
 def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 6) -> str:
     """`key (checkpoint A, now B), ...` for an error line."""
     parts = [f"{k} (checkpoint {old!r}, now {new!r})" for k, old, new in diff[:limit]]

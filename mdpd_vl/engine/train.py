@@ -30,7 +30,6 @@ Runs on `accelerate` (CPU, one GPU, or several processes started by `torchrun` /
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -342,7 +341,7 @@ class _Run:
             "groups": self.group_names,
             "group_sizes": [len(g["params"]) for g in self.optimizer.param_groups],
             "settings": ckpt.run_settings(cfg, config),
-            "group_hparams": _group_hparams(self.optimizer),
+            "group_hparams": ckpt.group_hparams(self.optimizer),
         }
         self.free, self.changed = free, []
         self.pos = {"step": 0, "epoch": 0, "batch": 0}
@@ -398,18 +397,8 @@ class _Run:
         ckpt.seed_everything(self.cfg.seed + self.rank)
 
     def _check_resume(self, path: Path, saved: Mapping[str, Any]) -> None:
-        """Refuse a resume whose settings differ from the checkpoint's (one line, every key)."""
-        if "settings" not in saved:  # written before settings were recorded: the keys it has
-            _check_resume_meta(path, saved, self.meta)
-            return
-        now = _resume_facts(self.meta)
-        fixed, self.changed = ckpt.settings_diff(_resume_facts(saved), now, self.free)
-        if fixed:
-            raise UserError(
-                f"this run's settings differ from the checkpoint's: {ckpt.describe_diff(fixed)}; resume with "
-                f"the checkpoint's values, or start afresh in another run folder (or remove {path.parent})",
-                where=str(path),
-            )
+        """Refuse a resume whose settings differ from the checkpoint's; keep the free ones that changed."""
+        self.changed = ckpt.check_resume(path, saved, self.meta, self.free)
 
     def open_progress(self, progress: bool) -> None:
         if progress and self.acc.is_main_process:
@@ -529,34 +518,6 @@ class _Run:
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
-
-
-def _group_hparams(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Each group's own hyper-parameters as set up (peak lr, before any schedule), by group name."""
-    return {g["name"]: {"lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"],
-                        "betas": list(g["betas"]), "eps": g["eps"]} for g in optimizer.param_groups}
-
-
-def _resume_facts(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything a resume must match (or may change), as dotted keys: run settings, process count,
-    data size, the param groups and their hyper-parameters."""
-    facts = dict(meta.get("settings", {}))
-    for key in ("world_size", "dataset_len", "groups", "group_sizes"):
-        facts[key] = meta.get(key)
-    for name, hp in (meta.get("group_hparams") or {}).items():
-        facts.update({f"groups[{name}].{k}": v for k, v in hp.items()})
-    return json.loads(json.dumps(facts, default=str))
-
-
-def _check_resume_meta(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
-    for key in ("world_size", "batch_size", "grad_accum", "seed", "dataset_len", "groups", "group_sizes"):
-        if saved.get(key) != now.get(key):
-            raise UserError(
-                f"checkpoint was written with {key}={saved.get(key)!r}, this run has {now.get(key)!r}; "
-                "resume with the same settings or use a fresh run folder",
-                where=str(path),
-                field=key,
-            )
 
 
 def _forward_backward(
