@@ -30,6 +30,9 @@ Deviations, all forced by reading layers of any backbone rather than one model's
   is CLIP's projected output embedding, which is not among the layers.
 - CNN stages whose grid is not an integer multiple of the anchor's are bilinearly resized to the
   nearest multiple before the patch pooling (the official rates are fixed at 8/4/2 for 512 px ResNets).
+  A stage already on the anchor's grid (EfficientNet's late stages; the official ResNet has none
+  besides the anchor) is taken as it is: over a 1 x 1 patch the official weights reduce to a step
+  function of the guide's sign, which passes no gradient to its guide projection.
 - `out_width` defaults to the deepest backbone width (the official maps to the joint embedding size
   and pools it directly; here the task head maps to the joint space). A clip4clip `out_width` other
   than D_L adds a Linear after the official output.
@@ -131,8 +134,9 @@ class UniPT(SideNetwork):
             self.last_token = cfg.class_token == "last" or (cfg.class_token == "auto" and is_causal(backbone))
         elif self.grid_form:
             self.down = nn.ModuleList(nn.Sequential(nn.Linear(s.width, d), TokenBatchNorm(d)) for s in sources)
-            self.identity = nn.ModuleList(nn.Sequential(nn.Linear(deepest, s.width), nn.ReLU())
-                                          for s in self.specs[:-1])
+            # stages already on the anchor's grid have nothing to pool (see the module docstring)
+            self.identity = nn.ModuleDict({str(i): nn.Sequential(nn.Linear(deepest, s.width), nn.ReLU())
+                                           for i, s in enumerate(self.specs[:-1]) if s.grid != self.specs[-1].grid})
             self.fusion = _Fusion(d, self.out_width, TokenBatchNorm)
         else:
             self.down = nn.ModuleList(nn.Sequential(nn.Linear(s.width, d), nn.LayerNorm(d)) for s in sources)
@@ -156,11 +160,13 @@ class UniPT(SideNetwork):
         spec, last = self.specs[index], self.specs[-1]
         (h, w), (gh, gw) = spec.grid_for(b.shape[1]), last.grid_for(anchor.shape[1])
         rh, rw = max(1, round(h / gh)), max(1, round(w / gw))
+        if str(index) not in self.identity:
+            return b if (h, w) == (gh, gw) else resample_tokens(b, spec, last, anchor.shape[1])
         fmap = b.transpose(1, 2).reshape(b.shape[0], b.shape[2], h, w)
         if (h, w) != (gh * rh, gw * rw):
             fmap = F.interpolate(fmap, size=(gh * rh, gw * rw), mode="bilinear", align_corners=False)
         patches = fmap.reshape(b.shape[0], b.shape[2], gh, rh, gw, rw)
-        guide = self.identity[index](anchor).transpose(1, 2).reshape(b.shape[0], b.shape[2], gh, 1, gw, 1)
+        guide = self.identity[str(index)](anchor).transpose(1, 2).reshape(b.shape[0], b.shape[2], gh, 1, gw, 1)
         score = torch.relu((guide * patches).sum(dim=1, keepdim=True))
         weights = l1norm(score, dim=(3, 5)) + 1.0 / (rh * rw)
         return (weights * patches).sum(dim=(3, 5)).flatten(2).transpose(1, 2)
