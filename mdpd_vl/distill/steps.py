@@ -13,8 +13,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Protocol
 
-import torch
 from torch import nn
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 _OWNERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _HANDLE: Any = None
@@ -30,11 +30,11 @@ def watch_optimizer_steps(owner: StepOwner) -> None:
     """Call `owner.after_optimizer_step()` after each step of an optimizer holding its parameters."""
     global _HANDLE
     if _HANDLE is None:
-        _HANDLE = torch.optim.optimizer.register_optimizer_step_post_hook(_after_step)
+        _HANDLE = register_optimizer_step_post_hook(_after_step)
     _OWNERS.add(owner)
 
 
-def _after_step(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+def _after_step(optimizer: Optimizer, _args: Any, _kwargs: Any) -> None:
     if not _OWNERS:
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
