@@ -312,3 +312,32 @@ def test_backbone_without_layers_is_refused() -> None:
 
     with pytest.raises(UserError, match="backbone.*no layers"):
         apply_method(NoLayers(), lambda w: GAPLinear(w, 2), MethodConfig(name="linear"))
+
+
+def test_describe_objective_states_the_objective_in_words() -> None:
+    from mdpd_vl.heads.retrieval import RetrievalConfig
+    from mdpd_vl.tuning import describe_objective
+
+    # the ITR default: logits mse AND the VSE loss on the backbone path, both stated, no contradiction
+    text = describe_objective(MethodConfig(distill={"backbone_trainable": "head"}), RetrievalConfig())
+    assert "VSE hinge triplet loss" in text and "on the side path and on the backbone path" in text
+    assert "cross-modal relational KL" in text and "weight 1," in text and "logits MSE" in text
+    assert "only the backbone head W_B" in text and "eval mode" in text and "faded" in text
+    off = describe_objective(MethodConfig(distill={"logits": "none", "ema_teacher": 0.99}),
+                             RetrievalConfig(backbone_task=False, cross_relational=0.0))
+    assert "the backbone path gets no task loss" in off and "no distillation term" in off
+    ema = describe_objective(MethodConfig(distill={"ema_teacher": 0.9}), {"task_loss": "cross-entropy"})
+    assert "EMA copy of the side path (decay 0.9" in ema and "cross-entropy on the side path (weight 1)" in ema
+    assert "merged into the weights" in describe_objective(MethodConfig(name="lora"))
+    assert "cannot merge" in describe_objective(MethodConfig(name="adapter"))
+    assert "bn_eval" in describe_objective(MethodConfig(name="partial", backbone_mode="bn_eval"))
+
+
+def test_tuning_readme_lists_exactly_the_registered_methods() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "mdpd_vl" / "tuning" / "README.md").read_text()
+    table = text[text.index("| method | trains |"):].split("\n\n")[0]
+    listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`([a-z0-9]+)`", row.split("|")[1])}
+    assert listed == set(METHODS.names())
