@@ -25,7 +25,7 @@ PEFT = {"total_step": 4}  # AdaLoRA needs the run's optimiser steps
 
 
 def peft_for(method: str) -> dict:
-    return dict(PEFT) if method == "adalora" else {}
+    return dict(PEFT)  # shared by the peft methods: IA3 leaves AdaLoRA's total_step out
 
 
 def head(width: int) -> int:
@@ -243,6 +243,8 @@ def test_adalora_regularises_and_reallocates_ranks_once_per_optimiser_step() -> 
     assert kept == 2 * len(singular)  # the budget fell from init_r (6) to target_r (2) per matrix
     with pytest.raises(UserError, match=r"method\.peft.*total_step"):
         apply_method(BUILDERS["bert"](), lambda w: GAPLinear(w, 2), MethodConfig(name="adalora"))
+    with pytest.raises(UserError, match=r"method\.peft: unknown peft config key\(s\) totl_step"):
+        apply_method(BUILDERS["bert"](), lambda w: GAPLinear(w, 2), MethodConfig(name="ia3", peft={"totl_step": 3}))
 
 
 @pytest.mark.parametrize("mode", ["eval", "bn_eval"])

@@ -72,7 +72,21 @@ def inject_peft(backbone: Backbone, config: object, field: str = "method.peft") 
 
 
 def peft_config(cls: type, values: dict, field: str = "method.peft") -> object:
-    """`cls(**values)` (a peft config), with a bad or missing key reported as one UserError."""
+    """`cls(**values)` (a peft config), with a bad or missing key reported as one UserError.
+
+    `method.peft` is shared by the peft methods (one `--compare` run sets it once for all): a key
+    that only another of them takes (AdaLoRA's `total_step` for an IA3 run) is left out; a key
+    that none takes is an error."""
+    import dataclasses
+
+    from peft import AdaLoraConfig, IA3Config, LoraConfig
+
+    own = {f.name for f in dataclasses.fields(cls)}
+    other = {f.name for c in (AdaLoraConfig, IA3Config, LoraConfig) for f in dataclasses.fields(c)}
+    unknown = sorted(set(values) - own - other)
+    if unknown:
+        raise UserError(f"unknown peft config key(s) {', '.join(unknown)}", field=field)
+    values = {k: v for k, v in values.items() if k in own}
     try:
         return cls(**values)
     except (ValueError, TypeError) as err:
