@@ -28,11 +28,15 @@ from mdpd_vl.bench_worker import RESULT_KEYS, Launcher
 __all__ = ["METHODS", "MDPD_VARIANTS", "RESULT_KEYS", "check_targets", "main", "markdown", "plan_rows"]
 from mdpd_vl.errors import UserError, cli_entry
 
-METHODS = ("none", "linear", "full", "partial", "bitfit", "lora", "adapter", "unipt", "sherl", "lst", "mdpd")
+METHODS = ("none", "linear", "full", "partial", "bitfit", "lora", "adalora", "ia3", "adapter", "unipt", "sherl",
+           "lst", "mdpd")
 SIDE_KEPT = ("unipt", "sherl", "lst")
 # mdpd's training bill depends on what trains on the backbone; checkpointing is pointless for `head`
 # (nothing is backpropagated through the backbone), so it only pairs with the norm settings.
+# A variant is `<backbone_trainable>[+ckpt][+alt]` (+alt: schedule alternate, both phases timed).
 MDPD_VARIANTS = ("head", "norms_last_k", "norms_last_k+ckpt", "norms_all", "norms_all+ckpt")
+TRAINABLE = ("head", "norms_last_k", "norms_all")
+FLAGS = ("ckpt", "alt")
 REFERENCE_MDPD = "mdpd[head]"
 GIB = 1024**3
 
@@ -48,9 +52,13 @@ def plan_rows(methods: list[str], variants: list[str], last_k: int | None = None
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; valid: {', '.join(METHODS)}", field="--methods")
     for v in variants:
-        if v not in MDPD_VARIANTS:
+        trainable, *flags = v.split("+")
+        pointless = trainable == "head" and "ckpt" in flags  # nothing is backpropagated through the backbone
+        if trainable not in TRAINABLE or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags) \
+                or pointless:
             raise UserError(
-                f"unknown mdpd variant {v!r}; valid: {', '.join(MDPD_VARIANTS)}", field="--mdpd-variants"
+                f"unknown mdpd variant {v!r}; valid: <{'|'.join(TRAINABLE)}>[+ckpt][+alt], e.g. "
+                f"{', '.join(MDPD_VARIANTS)}", field="--mdpd-variants"
             )
     rows: list[dict[str, Any]] = []
     for m in dict.fromkeys(methods):  # keep order, drop repeats
@@ -58,12 +66,13 @@ def plan_rows(methods: list[str], variants: list[str], last_k: int | None = None
             rows.append({"name": m, "method": m, "backbone_trainable": None, "checkpointing": False})
             continue
         for v in dict.fromkeys(variants):
-            trainable, _, ckpt = v.partition("+")
+            trainable, *flags = v.split("+")
             row = {
                 "name": f"mdpd[{v}]",
                 "method": "mdpd",
                 "backbone_trainable": trainable,
-                "checkpointing": bool(ckpt),
+                "checkpointing": "ckpt" in flags,
+                "schedule": "alternate" if "alt" in flags else "joint",
             }
             if trainable == "norms_last_k" and last_k is not None:
                 row["last_k"] = last_k
@@ -88,6 +97,7 @@ def make_job(row: dict[str, Any], args: argparse.Namespace, batch_size: int, inf
         "seed": args.seed,
         "threads": args.threads,
         "clock": args.clock,
+        "backbone_mode": args.backbone_mode,
     }
 
 
@@ -100,8 +110,8 @@ def _progress(i: int, n: int, row: dict[str, Any], seconds: float, label: str) -
             f"params {_fmt_params(row.get('trainable_params'))}M / {_fmt_params(row.get('inference_params'))}M"
         ]
         if row.get("train_step_s") is not None:
-            parts += [f"step {row['train_step_s']:.3f} s", f"state {_fmt_bytes(row['train_state_bytes'])}"]
-            parts.append(f"peak {_fmt_bytes(row['train_peak_bytes'])}")
+            parts += [f"step {row['train_step_s']:.3f} s", f"peak {_fmt_bytes(row['train_peak_bytes'])}"]
+            parts.append(f"state {_fmt_bytes(row['train_state_bytes'])}")
         if row.get("infer_qps") is not None:
             speed = row.get("infer_speed_vs_bare")
             parts.append(f"{row['infer_qps']:.1f} qps" + (f" ({speed:.3f}x bare)" if speed else ""))
@@ -163,24 +173,24 @@ def check_targets(
     speed, how = ("speed", "inference speed, paired") if paired else ("infer_qps", "infer_qps")
     # (what, key, compared with, op, bound): the issue's targets; one speed line per side-kept method
     specs = [
-        ("train_state_bytes / lora", "train_state_bytes", "lora", "<=", 0.35),
+        ("train_peak_bytes / lora", "train_peak_bytes", "lora", "<=", 0.35),
         ("train_step_s / lora", "train_step_s", "lora", "<=", 0.6),
         (f"{how} / none (bare backbone)", speed, "none", ">=", 0.97),
     ] + [(f"{how} / {s} (side kept)", speed, s, ">", 1.0) for s in SIDE_KEPT if s in by]
     checks = [_check(f"{ref_name} {w}", get(None, k), get(o, k), op, b) for w, k, o, op, b in specs]
-    slope_of = {name: v.get("train_state_bytes") for name, v in (slopes or {}).items()}
-    what = f"{ref_name} memory slope / lora (train_state_bytes per sample)"
+    slope_of = {name: v.get("train_peak_bytes") for name, v in (slopes or {}).items()}
+    what = f"{ref_name} memory slope / lora (train_peak_bytes per sample)"
     checks.append(_check(what, slope_of.get(ref_name), slope_of.get("lora"), "<=", 0.35))
     return checks
 
 
 def scaling_slopes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per row name: bytes per extra sample for the exact state and for the measured peak."""
+    """Per row name: bytes per extra sample of the peak and of the state breakdown."""
     out: dict[str, dict[str, float | None]] = {}
     for name in dict.fromkeys(r["name"] for r in rows):
         pts = [r for r in rows if r["name"] == name and not r.get("error")]
         out[name] = {}
-        for key in ("train_state_bytes", "train_peak_bytes"):
+        for key in ("train_peak_bytes", "train_state_bytes"):
             good = [r for r in pts if r.get(key) is not None]
             out[name][key] = slope([r["batch_size"] for r in good], [r[key] for r in good])
     return out
@@ -198,6 +208,11 @@ def _fmt_bytes(n: float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n / 1024:.3g} KiB"
+
+
+def _short(deployment: str | None) -> str:
+    """The deployment note up to its first colon ('merged', 'unmerged', 'faded', ...)."""
+    return "-" if not deployment else deployment.split(":")[0]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -221,25 +236,31 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| method | trainable (M) | inference (M) | train state | train peak | step (s) | QPS | latency (ms) | speed vs bare |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable (M) | inference (M) | train peak | train state | step (s) | QPS | latency (ms) "
+        "| speed vs bare | deployed as |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res:
         if r.get("error"):
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " - |" * 7)
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " - |" * 8)
             continue
         rel = r.get("infer_speed_vs_bare")
         lines.append(
             f"| {r['name']} | {_fmt_params(r['trainable_params'])} | {_fmt_params(r['inference_params'])} | "
-            f"{_fmt_bytes(r['train_state_bytes'])} | {_fmt_bytes(r['train_peak_bytes'])} | "
+            f"{_fmt_bytes(r['train_peak_bytes'])} | {_fmt_bytes(r['train_state_bytes'])} | "
             f"{_fmt(r['train_step_s'], '.4f')} | {_fmt(r['infer_qps'], '.1f')} | "
-            f"{_fmt(r['infer_latency_ms'], '.2f')} | {_fmt(rel, '.3f')} |"
+            f"{_fmt(r['infer_latency_ms'], '.2f')} | {_fmt(rel, '.3f')} | {_short(r.get('deployment'))} |"
         )
+    modes = sorted({r.get("backbone_mode") or "eval" for r in res if not r.get("error") and r["method"] != "full"})
     lines += [
         "",
-        "train state = bytes saved for backward + gradients + AdamW state (exact); train peak = "
-        + ("max allocated during training (CUDA)." if report["device_type"] == "cuda" else
-           "peak RSS growth over the post-build baseline (CPU; includes allocator slack)."),
+        "train peak = the peak of live tensor bytes over one steady training step (forward, backward, "
+        "optimiser step; weights, buffers, inputs, gradients, optimiser state, activations and temporaries), "
+        + ("read from the CUDA allocator (`max_memory_allocated`)." if report["device_type"] == "cuda" else
+           "tracked exactly over every ATen allocation and free (the semantics of `max_memory_allocated`)."),
+        "train state = the breakdown: bytes saved for backward + gradients + AdamW state (exact, never all "
+        "alive at once).",
+        f"Frozen backbone parts run in mode {', '.join(modes) or 'eval'} for every method (full fine-tuning: train).",
         "speed vs bare = median of paired latency ratios (bare backbone + head / deployed model), timed "
         "alternately in the row's own process, so load drifting between rows cancels out.",
         "",
@@ -259,10 +280,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"Memory slope against batch size ({', '.join(map(str, sc['batch_sizes']))}), per sample:",
             "",
         ]
-        lines += ["| method | train state / sample | train peak / sample |", "|---|---:|---:|"]
+        lines += ["| method | train peak / sample | train state / sample |", "|---|---:|---:|"]
         for name, s in sc["slopes"].items():
             lines.append(
-                f"| {name} | {_fmt_bytes(s['train_state_bytes'])} | {_fmt_bytes(s['train_peak_bytes'])} |"
+                f"| {name} | {_fmt_bytes(s['train_peak_bytes'])} | {_fmt_bytes(s['train_state_bytes'])} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -300,8 +321,8 @@ def plot_bars(report: dict[str, Any], path: Path) -> None:
            for k in ("train_state_bytes", "train_peak_bytes")}  # fmt: skip
     for (key, label, color), dy in zip(
         (
-            ("train_state_bytes", "state (exact)", "tab:blue"),
-            ("train_peak_bytes", "peak (measured)", "tab:orange"),
+            ("train_peak_bytes", "peak (live bytes)", "tab:orange"),
+            ("train_state_bytes", "state breakdown", "tab:blue"),
         ),
         (-0.2, 0.2),
     ):
@@ -359,7 +380,7 @@ def plot_scaling(report: dict[str, Any], path: Path) -> None:
             ax.plot([r["batch_size"] for r in good], [r[key] / 1024**2 for r in good], marker="o",
                     label=name, color="k" if name == REFERENCE_MDPD else colors[i % len(colors)], **style)  # fmt: skip
     for ax, key, title in zip(axes, ("train_state_bytes", "train_peak_bytes"),
-                              ("train state (exact)", "train peak (measured)")):  # fmt: skip
+                              ("train state (breakdown)", "train peak (live bytes)")):  # fmt: skip
         _log_if_wide(ax, [r[key] for r in rows if r.get(key)], "y")
         ax.set_xlabel("batch size")
         ax.set_ylabel("MiB")
@@ -391,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"architecture ({', '.join(bench_worker.HF_ALIASES)}), or 'quick'; random init")  # fmt: skip
     p.add_argument("--batch-size", type=int)
     p.add_argument("--methods", default=",".join(METHODS), help="comma list; `none` = bare backbone + head")
-    p.add_argument("--mdpd-variants", default=",".join(MDPD_VARIANTS), help="backbone_trainable[+ckpt] list")
+    p.add_argument("--mdpd-variants", default=",".join(MDPD_VARIANTS), help="backbone_trainable[+ckpt][+alt] list (+alt: schedule alternate)")
     p.add_argument(
         "--last-k", type=int, help="blocks whose norms train for norms_last_k (method default if unset)"
     )
@@ -399,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per input for text backbones (default 32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (CUDA)")
+    p.add_argument("--backbone-mode", default="eval", choices=("eval", "bn_eval"),
+                   help="mode of every method's frozen backbone parts (MethodConfig.backbone_mode)")
     p.add_argument("--warmup", type=int, help="untimed training steps first (default 3; quick 1)")
     p.add_argument("--steps", type=int, help="timed training steps (default 10; quick 5)")
     p.add_argument("--infer-steps", type=int, help="timed inference batches (default 30; quick 20)")
@@ -506,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "precision": args.precision,
         "settings": {k: getattr(args, k) for k in ("warmup", "steps", "infer_steps", "num_classes", "seed",
-                                                     "threads", "clock", "image_size", "seq_len", "launcher", "quick")},
+                                                     "threads", "clock", "image_size", "seq_len", "launcher", "quick",
+                                                     "backbone_mode")},
         "results": results,
         "scaling": scaling,
     }  # fmt: skip

@@ -2,11 +2,19 @@
 
 A row builds the backbone (random init: weights do not change cost), applies one tuning method
 with a GAP + linear head, trains on a synthetic classification batch (random inputs and labels,
-cross-entropy), and times the model as deployed. It measures:
-- `train_state_bytes`: exact bytes saved for backward + gradients + AdamW state (one metered step);
-- `train_peak_bytes`: CUDA max allocated over the training phase (peak stats reset at its start),
-  or on CPU the peak RSS growth over the post-build baseline (kernel peak reset at the start);
-- `train_step_s`: median of the timed steps (forward, backward, optimiser step), after warm-up;
+cross-entropy), and times the model as deployed (`TunedModel.deployed()`: LoRA / AdaLoRA / IA3
+merged into the weights, adapters unmerged, side networks kept, MDPD faded; `deployment` says which).
+It measures:
+- `train_peak_bytes` (THE memory figure): the peak of live tensor bytes over one training step
+  (forward, backward, optimiser step), with `torch.cuda.max_memory_allocated` semantics: the
+  allocator's peak on CUDA, the exact tensor tracker elsewhere (`engine.memory.train_peak_bytes`);
+  measured on a steady-state step (after the first, so the optimiser state exists), the max over
+  the phases of `schedule: alternate`;
+- the breakdown `train_state_bytes` = saved for backward + gradients + AdamW state (exact, first step),
+  and `train_rss_growth_bytes` (CPU: process RSS growth over the post-build baseline, allocator slack
+  included; CUDA: the whole phase's max allocated);
+- `train_step_s`: median of the timed steps (forward, backward, optimiser step), after warm-up; with
+  `schedule: alternate` the mean of the per-phase medians (one side step + one backbone step / 2);
 - `infer_qps` / `infer_latency_ms`: median per-batch latency of the deployed model (CUDA events on
   GPU), after warm-up; QPS = batch size / median latency;
 - `infer_speed_vs_bare`: the deployed model timed alternately with a freshly built bare backbone +
@@ -53,9 +61,10 @@ QUICK_SPEC: dict[str, Any] = {
 }
 PREFIXES = ("open_clip:", "timm:", "hf:")
 RESULT_KEYS = (
-    "name", "method", "backbone_trainable", "checkpointing", "batch_size", "trainable_params",
+    "name", "method", "backbone_trainable", "checkpointing", "schedule", "batch_size", "trainable_params",
     "inference_params", "train_peak_bytes", "train_state_bytes", "saved_bytes", "grad_bytes",
-    "optimizer_bytes", "train_step_s", "infer_qps", "infer_latency_ms", "infer_speed_vs_bare", "error",
+    "optimizer_bytes", "train_step_s", "infer_qps", "infer_latency_ms", "infer_speed_vs_bare", "deployment",
+    "backbone_mode", "error",
 )  # fmt: skip
 
 
@@ -236,11 +245,23 @@ def release_free_heap() -> bool:
         return False
 
 
+def _phases(model: Any) -> tuple[str, ...]:
+    """The training phases of `model` (mdpd with `schedule: alternate`: side, backbone)."""
+    core = getattr(model, "core", None)
+    return tuple(getattr(core, "phases", ("joint",)))
+
+
+def _phase_now(model: Any) -> str:
+    """The phase the next optimiser step of `model` trains."""
+    core = getattr(model, "core", None)
+    return core._phase() if hasattr(core, "_phase") else "joint"
+
+
 def measure_training(
-    model: Any, step_loss: Callable[[], Any], params: list[Any], optimizer: Any, job: dict[str, Any]
+    model: Any, step_loss: Callable[[], Any], params: list[Any], optimizer: Any, job: dict[str, Any], inputs: Any = None
 ) -> dict[str, Any]:
-    """Metered first step, warm-up, timed steps; state bytes, peak bytes and median step time."""
-    from mdpd_vl.engine.memory import PeakMemory, measure_train_state
+    """Metered first step, warm-up, exact peak of a steady step per phase, timed steps per phase."""
+    from mdpd_vl.engine.memory import PeakMemory, measure_train_state, train_peak_bytes
 
     def loss() -> Any:
         with _autocast(job):
@@ -252,23 +273,34 @@ def measure_training(
         loss().backward()
         optimizer.step()
 
+    phases = _phases(model)
     release_free_heap()
-    with PeakMemory(job["device"]) as peak:
-        state = measure_train_state(model, loss, params, optimizer)  # also the first warm-up step
-        for _ in range(max(0, job["warmup"] - 1)):
+    with PeakMemory(job["device"]) as phase_peak:
+        state = measure_train_state(model, loss, params, optimizer, inputs)  # also the first warm-up step
+        for _ in range(max(len(phases) - 1, job["warmup"] - 1)):  # every phase has run once
             step()
+        peaks: dict[str, int] = {}
+        kind = state["peak_kind"]
+        for _ in phases:  # the optimiser step advances an alternate schedule to the next phase
+            now = _phase_now(model)
+            optimizer.zero_grad(set_to_none=True)
+            peaks[now], kind = train_peak_bytes(model, step, optimizer, inputs, device=job["device"])
         _sync(job["device"])
-        times = [_timed(step, job) for _ in range(job["steps"])]
-    gpu = peak.kind == "cuda_allocated"
+        times: dict[str, list[float]] = {p: [] for p in phases}
+        for _ in range(job["steps"] * len(phases)):
+            times[_phase_now(model)].append(_timed(step, job))
+    gpu = phase_peak.kind == "cuda_allocated"
     return {
+        "train_peak_bytes": max(peaks.values()),
+        "train_peak_by_phase": peaks,
+        "peak_kind": kind,
         "train_state_bytes": state["train_state_bytes"],
         "saved_bytes": state["saved_bytes"],
         "grad_bytes": state["grad_bytes"],
         "optimizer_bytes": state["optim_bytes"],
-        "train_peak_bytes": peak.peak_bytes if gpu else peak.increase_bytes,
-        "train_peak_growth_bytes": peak.increase_bytes,
-        "peak_kind": "cuda_max_allocated" if gpu else "cpu_rss_growth" + ("" if peak.exact else "_unreset"),
-        "train_step_s": statistics.median(times),
+        "train_rss_growth_bytes": phase_peak.peak_bytes if gpu else phase_peak.increase_bytes,
+        "train_step_s": statistics.fmean(statistics.median(t) for t in times.values()),
+        "train_step_s_by_phase": {p: statistics.median(t) for p, t in times.items()},
     }
 
 
@@ -306,14 +338,18 @@ def _method_config(job: dict[str, Any]) -> Any:
     from mdpd_vl.tuning import MethodConfig
 
     method = "linear" if job["method"] == "none" else job["method"]
+    common: dict[str, Any] = {"backbone_mode": job.get("backbone_mode") or "eval"}
+    if method == "adalora":  # peft's rank schedule needs the run length: the rows' own steps
+        common["peft"] = {"total_step": 4 + int(job.get("warmup", 1)) + 2 * int(job.get("steps", 1))}
     if method != "mdpd":
-        return MethodConfig(name=method)
+        return MethodConfig(name=method, **common)
     from mdpd_vl.distill.config import DistillConfig
 
-    distill = {"backbone_trainable": job["backbone_trainable"], "checkpointing": job["checkpointing"]}
+    distill = {"backbone_trainable": job["backbone_trainable"], "checkpointing": job["checkpointing"],
+               "schedule": job.get("schedule") or "joint"}
     if job.get("last_k") is not None:
         distill["last_k"] = job["last_k"]
-    return MethodConfig(name=method, distill=DistillConfig(**distill))
+    return MethodConfig(name=method, distill=DistillConfig(**distill), **common)
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +380,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     # `none` is the bare backbone + head, untuned: the reference for inference speed
     row["trainable_params"] = 0 if job["method"] == "none" else int(tuned.trainable_params)
     row["inference_params"] = int(tuned.inference_params)
+    row["deployment"] = "bare backbone + head" if job["method"] == "none" else tuned.deployment
+    row["backbone_mode"] = tuned.backbone_mode
     if job["method"] != "none":
         _prime_lazy_state(device)
         groups = tuned.optimizer_groups()
@@ -356,7 +394,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             _, losses = tuned.train_forward(x, lambda out: F.cross_entropy(out, y))
             return sum(losses.values())
 
-        row.update(measure_training(tuned, step_loss, params, optimizer, job))
+        row.update(measure_training(tuned, step_loss, params, optimizer, job, inputs=(x, y)))
         del optimizer, groups, params
     if job.get("infer_steps"):
         deployed = tuned.deployed()

@@ -37,6 +37,8 @@ def test_plan_rows_expands_mdpd_variants_in_order():
     assert rows[3]["backbone_trainable"] == "norms_all" and rows[3]["checkpointing"] is True
     assert "last_k" not in rows[3]
     assert bench.plan_rows(["mdpd"], ["norms_last_k"], last_k=2)[0]["last_k"] == 2
+    alt = bench.plan_rows(["mdpd"], ["head+alt", "norms_all+ckpt+alt"])
+    assert [r["schedule"] for r in alt] == ["alternate", "alternate"] and alt[1]["checkpointing"]
 
 
 @pytest.mark.parametrize(
@@ -79,14 +81,14 @@ def _row(name: str, **values) -> dict:
 def test_targets_are_ratios_and_misses_say_by_how_much():
     results = [
         _row("none", infer_qps=100.0),
-        _row("lora", train_state_bytes=1000, train_step_s=1.0, infer_qps=99.0),
+        _row("lora", train_peak_bytes=1000, train_step_s=1.0, infer_qps=99.0),
         _row("unipt", infer_qps=80.0),
         _row("sherl", infer_qps=120.0),
-        _row("mdpd[head]", train_state_bytes=300, train_step_s=0.75, infer_qps=98.0),
+        _row("mdpd[head]", train_peak_bytes=300, train_state_bytes=5, train_step_s=0.75, infer_qps=98.0),
     ]
-    slopes = {"mdpd[head]": {"train_state_bytes": 10.0}, "lora": {"train_state_bytes": 20.0}}
+    slopes = {"mdpd[head]": {"train_peak_bytes": 10.0}, "lora": {"train_peak_bytes": 20.0}}
     checks = {c["target"].split(" = ")[0]: c for c in bench.check_targets(results, slopes)}
-    mem = checks["mdpd[head] train_state_bytes / lora"]
+    mem = checks["mdpd[head] train_peak_bytes / lora"]  # every target uses the peak
     assert mem["ok"] and mem["ratio"] == pytest.approx(0.3)
     step = checks["mdpd[head] train_step_s / lora"]
     assert step["ok"] is False and step["miss"].startswith("misses by 25.0%")  # 0.75 vs <= 0.6
@@ -94,7 +96,7 @@ def test_targets_are_ratios_and_misses_say_by_how_much():
     assert checks["mdpd[head] infer_qps / unipt (side kept)"]["ok"]
     sherl = checks["mdpd[head] infer_qps / sherl (side kept)"]
     assert sherl["ok"] is False and "18.3%" in sherl["miss"]  # 98/120 = 0.817
-    slope = checks["mdpd[head] memory slope / lora (train_state_bytes per sample)"]
+    slope = checks["mdpd[head] memory slope / lora (train_peak_bytes per sample)"]
     assert slope["ok"] is False and slope["ratio"] == pytest.approx(0.5)
     text = bench.markdown({"results": results, "targets": list(checks.values()), "backbone": "b",
                            "batch_size": 4, "device": "cpu", "device_type": "cpu", "torch": "x",
@@ -119,7 +121,7 @@ def test_speed_targets_use_the_paired_ratios_when_every_row_has_one():
 
 
 def test_unmeasured_targets_are_reported_not_passed():
-    checks = bench.check_targets([_row("mdpd[head]", train_state_bytes=1)], None)
+    checks = bench.check_targets([_row("mdpd[head]", train_peak_bytes=1)], None)
     assert all(c["ok"] is None and c["miss"] == "not measured" for c in checks)
 
 
@@ -128,7 +130,7 @@ def test_slope_is_least_squares_bytes_per_sample():
     assert bench.slope([4], [1]) is None
     rows = [_row("lora", batch_size=b, train_state_bytes=100 + 7 * b, train_peak_bytes=None) for b in (2, 4)]
     assert bench.scaling_slopes(rows) == {
-        "lora": {"train_state_bytes": pytest.approx(7.0), "train_peak_bytes": None}
+        "lora": {"train_peak_bytes": None, "train_state_bytes": pytest.approx(7.0)}
     }
 
 
@@ -172,6 +174,24 @@ def test_worker_linear_probe_bytes_match_the_hand_count_on_a_real_backbone():
     assert (row["grad_bytes"], row["optimizer_bytes"]) == (grads, 2 * grads + 2 * 4)
     assert row["trainable_params"] == d * c + c
     assert row["infer_qps"] is None and row["error"] is None
+
+
+def test_alternate_rows_time_and_measure_both_phases():
+    row = bench_worker.run_job(_job("mdpd", backbone_trainable="head", checkpointing=False, schedule="alternate",
+                                    steps=2, warmup=1, infer_steps=0))
+    assert row["error"] is None and row["schedule"] == "alternate"
+    assert set(row["train_step_s_by_phase"]) == set(row["train_peak_by_phase"]) == {"side", "backbone"}
+    assert row["train_step_s"] == pytest.approx(sum(row["train_step_s_by_phase"].values()) / 2)
+    assert row["train_peak_bytes"] == max(row["train_peak_by_phase"].values())
+    assert row["peak_kind"] == "live_tensor_bytes"
+
+
+def test_lora_is_served_merged_and_adapter_unmerged():
+    none, lora, adapter = (bench_worker.run_job(_job(m, steps=1, warmup=1, infer_steps=2))
+                           for m in ("none", "lora", "adapter"))
+    assert lora["inference_params"] == none["inference_params"] < adapter["inference_params"]
+    assert lora["deployment"].startswith("merged") and adapter["deployment"].startswith("unmerged")
+    assert lora["train_peak_bytes"] > lora["train_state_bytes"]  # the peak holds the weights too
 
 
 def test_bare_backbone_and_faded_mdpd_agree_in_inference_params():

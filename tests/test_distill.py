@@ -231,9 +231,9 @@ def _backbone_saved_bytes(dp: DualPath, x: object) -> tuple[int, int]:
     inner: list[int] = []
     run = dp.backbone.features
 
-    def metered(inp: object) -> list[torch.Tensor]:
+    def metered(inp: object, **kwargs: object) -> list[torch.Tensor]:
         with SavedTensorsMeter(exclude=params) as meter:  # innermost hooks win while the backbone runs
-            feats = run(inp)
+            feats = run(inp, **kwargs)
         inner.append(meter.bytes)
         return feats
 
@@ -272,8 +272,9 @@ def test_alternate_schedule_leaves_the_other_groups_gradients_none() -> None:
     dp = make_dualpath(backbone, schedule="alternate")
     dp.train()
     x = make_input(backbone)
+    opt = torch.optim.SGD([p for g in dp.param_groups().values() for p in g], lr=0.0)
     for step, (active, idle) in enumerate([("side", "backbone"), ("backbone", "side")]):
-        dp.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         out = dp(x, ce_loss(4))
         expected = {"task_side", "shallow", "deep"} if active == "side" else {"logits"}
         assert set(out.losses) == expected, step
@@ -284,11 +285,39 @@ def test_alternate_schedule_leaves_the_other_groups_gradients_none() -> None:
         live, frozen = (side_groups, backbone_groups) if active == "side" else (backbone_groups, side_groups)
         assert all(p.grad is None for p in frozen), idle
         assert any(p.grad is not None for p in live), active
+        opt.step()  # the phase advances per optimiser step, never per forward
+    assert dp.optimizer_steps == 2 and dp.phases == ("side", "backbone")
+
+
+def test_alternate_with_grad_accum_gives_one_phase_per_optimiser_step(tmp_path) -> None:
+    from mdpd_vl.engine.config import TrainConfig
+    from mdpd_vl.engine.train import train
+
+    backbone = build_tiny_vit()
+    dp = make_dualpath(backbone, schedule="alternate", backbone_trainable="head")
+    images = make_input(backbone, batch=16)
+    data = torch.utils.data.TensorDataset(images, torch.arange(16) % CLASSES)
+    seen: list[tuple[int, tuple[str, ...]]] = []
+
+    def step_fn(model: DualPath, batch, step: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        out = model(x, lambda logits: F.cross_entropy(logits, y))
+        seen.append((step, tuple(sorted(out.losses))))
+        return {"loss": out.loss}
+
+    groups = [{"name": k, "params": v} for k, v in dp.param_groups().items() if v]
+    cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=4, lr=1e-3, log_every=1, ckpt_every=0)
+    train(dp, step_fn, data, lambda items: tuple(torch.utils.data.default_collate(items)), groups, cfg,
+          tmp_path / "run")
+    assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 micro-batches per optimiser step
+    side, bb = ("deep", "shallow", "task_side"), ("logits",)
+    assert [losses for _, losses in seen] == [side, side, bb, bb, side, side, bb, bb]
+    assert dp.optimizer_steps == 4 and dp.step == 8
 
 
 def test_task_on_backbone_relational_and_ema_teacher() -> None:
     backbone = build_tiny_bert()
-    net = build_side("unipt", backbone.layer_specs, {"r": 2})
+    net = build_side("unipt", backbone.layer_specs, {"r": 2}, backbone=backbone)
     cfg = DistillConfig(d=4, logits="relational", task_on_backbone=True, ema_teacher=0.5, temperature=0.5)
     # relational distillation works across different output widths
     dp = DualPath(backbone, net, GAPLinear(net.out_width, 7), GAPLinear(backbone.widths[-1], 7), cfg)
@@ -302,13 +331,58 @@ def test_task_on_backbone_relational_and_ema_teacher() -> None:
     before = [b.clone() for b in dp.ema.buffers()]
     opt = torch.optim.SGD([p for g in dp.param_groups().values() for p in g], lr=0.5)
     out.loss.backward()
-    opt.step()
-    dp(x, lambda y: F.cross_entropy(y, labels))  # the next step first moves the EMA halfway
+    dp(x, lambda y: F.cross_entropy(y, labels))  # a forward (a second micro-batch) does not move the EMA
+    assert all(torch.equal(a, b) for a, b in zip(before, dp.ema.buffers()))
+    opt.step()  # the optimiser step does: halfway towards the live side path
     live = dict(dp.side.named_parameters())
     for i, name in enumerate(dp.ema.names["side"]):
         ema = dp.ema.get_buffer(f"side{i}")
         assert torch.allclose(ema, (before[i] + live[name].detach()) / 2, atol=1e-6), name
     assert any(not torch.equal(a, b) for a, b in zip(before, dp.ema.buffers()))
+    # every side-to-backbone term learns from the teacher the config names: the EMA copy, not y_side
+    out = dp(x, lambda y: F.cross_entropy(y, labels))
+    with torch.no_grad():
+        feats = backbone.features(x, with_input=True)
+        want = dp.ema(dp.side, dp.head_side, feats[1:], backbone.padding_mask(x), feats[0])
+    assert torch.allclose(out.y_teacher, want, atol=1e-6) and not torch.allclose(out.y_teacher, out.y_side)
+    assert out.y_teacher.grad_fn is None
+    assert torch.allclose(out.losses["logits"], cfg.logits_weight * relational_kl(want, out.y_backbone, 0.5))
+
+
+def test_without_ema_the_teacher_is_the_detached_side_output() -> None:
+    backbone = build_tiny_vit()
+    dp = make_dualpath(backbone)
+    out = dp(make_input(backbone), ce_loss(4))
+    assert torch.equal(out.y_teacher, out.y_side.detach()) and out.y_teacher.grad_fn is None
+
+
+def test_cross_modal_relational_term_uses_the_ema_teacher() -> None:
+    try:  # DualTowerRetrieval is moving from heads/ to the task layer
+        from mdpd_vl.tasks.retrieval import DualTowerRetrieval, RetrievalConfig
+    except ImportError:
+        from mdpd_vl.heads.retrieval import DualTowerRetrieval, RetrievalConfig
+    from mdpd_vl.heads.retrieval import relational_kl_2d
+    from mdpd_vl.tuning import MdpdTuned
+
+    towers = []
+    for build in (build_tiny_vit, build_tiny_bert):
+        backbone = build()
+        net = build_side("unipt", backbone.layer_specs, {"r": 2}, backbone=backbone)
+        cfg = DistillConfig(d=4, ema_teacher=0.9, logits="none", backbone_trainable="head")
+        towers.append(MdpdTuned(DualPath(backbone, net, GAPLinear(net.out_width, 6),
+                                         GAPLinear(backbone.widths[-1], 6), cfg)))
+    model = DualTowerRetrieval(towers[0], towers[1], RetrievalConfig(backbone_task=False))
+    with torch.no_grad():  # move the live side heads away from their EMA copies
+        for t in towers:
+            t.core.head_side.fc.weight.add_(0.5)
+    images, texts = make_input(towers[0].backbone), make_input(towers[1].backbone)
+    losses = model.losses(images, texts)
+    oi, ot = towers[0].core(images), towers[1].core(texts)
+    sim = lambda a, b: F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t()  # noqa: E731
+    want = relational_kl_2d(sim(oi.y_teacher, ot.y_teacher), sim(oi.y_backbone, ot.y_backbone), 0.05)
+    live = relational_kl_2d(sim(oi.y_side, ot.y_side), sim(oi.y_backbone, ot.y_backbone), 0.05)
+    assert torch.allclose(losses["cross_relational"], want, atol=1e-6)
+    assert not torch.allclose(want, live)
 
 
 def test_step_counter_resumes_with_the_state_dict() -> None:
@@ -321,7 +395,7 @@ def test_step_counter_resumes_with_the_state_dict() -> None:
     state = dp.state_dict()
     dp2 = make_dualpath(build_tiny_vit(), backbone_trainable="head")
     dp2.load_state_dict(state)
-    assert dp2.step == 3
+    assert dp2.step == 3 and dp2.optimizer_steps == dp.optimizer_steps == 0
     dp.eval(), dp2.eval()
     dp(x), dp2(x)
     assert all(torch.equal(dp.last_masks[i], dp2.last_masks[i]) for i in dp.deep_layers)

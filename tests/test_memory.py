@@ -1,13 +1,16 @@
-"""Memory measurement: exact saved-for-backward, gradient and AdamW-state bytes; RSS and peak phases."""
+"""Memory measurement: the exact peak of live tensor bytes over a training step (hand counts), exact
+saved-for-backward, gradient and AdamW-state bytes; RSS and peak phases."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mdpd_vl.engine.memory import (
     GIB,
+    LiveTensorBytes,
     PeakMemory,
     SavedTensorsMeter,
     current_rss_bytes,
@@ -17,6 +20,7 @@ from mdpd_vl.engine.memory import (
     optimizer_state_bytes,
     param_bytes,
     peak_rss_bytes,
+    train_peak_bytes,
 )
 
 F32 = 4  # bytes per float32 element
@@ -99,6 +103,99 @@ def test_measure_train_state_on_head_only_training():
     assert all(p.grad is None for p in head)
 
 
+# ----------------------------------------------------------------------------- the peak, by hand
+
+
+def _numel_bytes(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters()) * F32
+
+
+def _sgd_step(model: nn.Module, x: torch.Tensor) -> tuple[int, str]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # in place, no state: nothing hidden in the optimiser
+
+    def step() -> None:
+        model(x).sum().backward()
+        opt.step()
+
+    return train_peak_bytes(model, step, opt, x, device="cpu")
+
+
+def test_peak_of_a_one_layer_mlp_is_the_hand_count():
+    """y = W2 relu(W1 x + b1) + b2, loss = sum(y), SGD, few samples: the peak is at the very end of
+    backward: parameters P and input x (alive throughout), the loss scalar and its seed ones, every
+    gradient (P again) while the gradient of the hidden pre-activation (B x H) is still alive."""
+    torch.manual_seed(0)
+    b, d, h = 4, 8, 16
+    model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, 1))
+    x = torch.randn(b, d)
+    params = _numel_bytes(model)
+    assert _sgd_step(model, x) == (2 * params + b * d * F32 + b * h * F32 + 2 * F32, "live_tensor_bytes")
+
+
+def _blocks(checkpointed: bool, width: int) -> nn.Module:
+    class TwoBlocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(width, 4 * width), nn.ReLU(), nn.Linear(4 * width, width)) for _ in range(2)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+            return x
+
+    torch.manual_seed(0)
+    return TwoBlocks()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_peak_of_a_checkpointed_mlp_is_the_hand_count(checkpointed: bool):
+    """Two MLP blocks (H -> 4H -> relu -> H), many samples, so activations dominate; a = B x H floats.
+    Without checkpointing the peak is ReLU_2's backward: r1 (4a) and y1 (a) saved from block 1, r2
+    (4a) saved from block 2, grad r2 (4a) and grad h2 (4a): 17a. With each block checkpointed, block
+    1 keeps only its output y1 (a, block 2's input); block 2 is recomputed (r2', 4a) when backward
+    reaches it: y1 + r2' + grad r2 + grad h2 = 13a. Both add P, x, the loss and its seed, and the
+    gradients of block 2's last Linear (4H x H + H), already written."""
+    b, width = 64, 4
+    model = _blocks(checkpointed, width)
+    x = torch.randn(b, width)
+    a = b * width * F32
+    fixed = _numel_bytes(model) + b * width * F32 + 2 * F32 + (4 * width * width + width) * F32
+    peak, _ = _sgd_step(model, x)
+    assert peak == fixed + (13 if checkpointed else 17) * a
+
+
+def test_buffers_grads_and_optimiser_state_count_in_the_peak():
+    torch.manual_seed(0)
+    model, x, y = mlp_and_batch(batch=2)
+    plain = measure_train_state(model, lambda: nn.functional.mse_loss(model(x), y), list(model.parameters()),
+                                torch.optim.AdamW(model.parameters()), inputs=(x, y))
+    model.register_buffer("ema", torch.zeros(1000))  # e.g. an EMA teacher's tensors: alive all step
+    with_buffer = measure_train_state(model, lambda: nn.functional.mse_loss(model(x), y),
+                                      list(model.parameters()), torch.optim.AdamW(model.parameters()), inputs=(x, y))
+    assert with_buffer["train_peak_bytes"] - plain["train_peak_bytes"] == 1000 * F32
+    assert plain["peak_kind"] == "live_tensor_bytes"
+    # the first AdamW step allocates its state: peak >= parameters + gradients + 2 moments + inputs
+    n = sum(p.numel() for p in model.parameters()) * F32
+    assert plain["train_peak_bytes"] >= 4 * n + (x.numel() + y.numel()) * F32
+    assert plain["train_peak_bytes"] > plain["train_state_bytes"]  # the breakdown leaves out the weights
+
+
+def test_live_bytes_count_a_storage_once_and_forget_freed_ones():
+    base = torch.zeros(100)
+    with LiveTensorBytes([base]) as meter:
+        view = base[10:20].view(2, 5)  # a view: no new storage
+        base.add_(1)  # in place
+        tmp = torch.ones(50)
+        del tmp
+        keep = torch.ones(25)
+    assert meter.baseline_bytes == 100 * F32
+    assert meter.peak_bytes == (100 + 50) * F32
+    assert meter.sweep() == (100 + 25) * F32
+    del view, keep
+
+
 def test_gib_labels():
     assert gib(1.23 * GIB) == "1.23 GiB"
     assert gib(0) == "0.00 GiB"
@@ -117,6 +214,21 @@ def test_rss_and_cpu_peak_phase():
         with PeakMemory("cpu") as idle:
             pass
         assert idle.increase_bytes < size / 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_peak_is_the_allocator_and_close_to_the_tensor_count():
+    model = _blocks(True, 256).cuda()
+    x = torch.randn(512, 256, device="cuda")
+    peak, kind = _sgd_step(model, x)
+    assert kind == "cuda_max_memory_allocated"
+    model.zero_grad(set_to_none=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with LiveTensorBytes([*model.parameters(), x]) as meter:
+        model(x).sum().backward()
+        opt.step()
+    # the allocator rounds each block up to 512 bytes and may hold a cuBLAS workspace
+    assert meter.peak_bytes <= peak <= meter.peak_bytes * 1.05 + 64 * 1024**2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -8,6 +8,7 @@ All shapes are read from the wrapped model by probing it once, never written as 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 @dataclass
 class Precomputed:
     """Per-layer features computed earlier (the frozen-feature cache): `features()` returns them as
-    they are and `padding_mask()` returns `mask`, so every method runs unchanged on cached inputs."""
+    they are and `padding_mask()` returns `mask`, so every method runs unchanged on cached inputs.
+
+    `layers` holds b_1..b_L, or b_0..b_L (L + 1 entries) when the input of the first block (b_0,
+    the embeddings of a transformer) was cached too; the backbone tells the two apart by its depth.
+    """
 
     layers: list[Tensor]
     mask: Tensor | None = None
@@ -70,6 +75,24 @@ def is_norm(module: nn.Module) -> bool:
     return "norm" in name and any(p is not None for p in module.parameters(recurse=False))
 
 
+class _EarlyExit(Exception):
+    """Raised by a temporary hook to stop the wrapped model after the last layer a caller needs."""
+
+
+def _raise_exit(*_: Any) -> None:
+    raise _EarlyExit
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    """The hidden states a block is called with: the first tensor argument (or `hidden_states=`)."""
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
 class Backbone(nn.Module):
     """Base class of every backbone wrapper.
 
@@ -85,6 +108,12 @@ class Backbone(nn.Module):
         self._store: dict[int, Any] = {}
         self._hooks: list[Any] = []
         self.layer_specs: list[LayerSpec] = []
+        # layout of b_0 (the input of the first block) when it is a token sequence with b_1's layout
+        # (transformer embeddings); None for CNN stems, whose input is a map of another grid
+        self.input_spec: LayerSpec | None = None
+        self._input_hook: Any = None
+        self._want_input = False
+        self._input: Any = None
         self._checkpointing = False
 
     # -- to implement -------------------------------------------------------------------------
@@ -129,18 +158,57 @@ class Backbone(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return self._block_modules()
 
-    def features(self, x: Any) -> list[Tensor]:
-        """Per-layer token features `[b_1, ..., b_L]`, each `B x N_l x D_l`."""
+    def features(self, x: Any, *, with_input: bool = False, num_layers: int | None = None) -> list[Tensor]:
+        """Per-layer token features `[b_1, ..., b_L]`, each `B x N_l x D_l`.
+
+        `with_input`: prepend b_0, the input of the first block (transformer embeddings; needs
+        `input_spec`). `num_layers=m`: only `[b_1..b_m]`, and the model stops right after block m
+        (a side network that re-runs the last blocks itself does not pay for them twice).
+        """
+        m = self.num_layers if num_layers is None else num_layers
+        if not 1 <= m <= max(1, self.num_layers) and self.layer_specs:
+            raise ValueError(f"num_layers={num_layers}: the backbone has {self.num_layers} layers")
+        if with_input and self.layer_specs and self.input_spec is None:
+            raise ValueError(f"{type(self).__name__}: the input of its first block is not a token sequence (b_0)")
         if isinstance(x, Precomputed):
-            return list(x.layers)
+            return self._from_cache(x, with_input, m)
         self._store.clear()
-        self._run(x)
-        missing = [i for i in range(len(self._hooks)) if i not in self._store]
+        self._input, self._want_input = None, with_input
+        stop = None
+        if self.layer_specs and m < self.num_layers:
+            stop = self._block_modules()[m - 1].register_forward_hook(_raise_exit)
+        try:
+            self._run(x)
+        except _EarlyExit:
+            pass
+        finally:
+            self._want_input = False
+            if stop is not None:
+                stop.remove()
+        count = m if self.layer_specs else len(self._hooks)
+        missing = [i for i in range(count) if i not in self._store]
         if missing:
             raise RuntimeError(f"{type(self).__name__}: blocks {missing} did not run")
-        feats = [self._to_tokens(i, self._store[i]) for i in range(len(self._hooks))]
+        feats = [self._to_tokens(i, self._store[i]) for i in range(count)]
         self._store.clear()
+        if with_input:
+            raw, self._input = self._input, None
+            if not isinstance(raw, Tensor) or raw.dim() != 3:
+                raise RuntimeError(f"{type(self).__name__}: the first block got no token input")
+            feats.insert(0, self._input_tokens(raw))
         return feats
+
+    def _from_cache(self, x: Precomputed, with_input: bool, m: int) -> list[Tensor]:
+        layers = list(x.layers)
+        has_input = len(layers) == self.num_layers + 1
+        if with_input and not has_input:
+            raise ValueError("the cached features hold no b_0 (input of the first block): rebuild the cache")
+        body = layers[1:] if has_input else layers
+        return ([layers[0]] if with_input else []) + body[:m]
+
+    def _input_tokens(self, raw: Tensor) -> Tensor:
+        """b_0 as `B x N x D` tokens (sequence-first towers are transposed like their layers)."""
+        return self._to_tokens(0, raw)
 
     def padding_mask(self, x: Any) -> Tensor | None:
         """`B x N` bool mask of valid tokens for sequence inputs; None when every token is valid."""
@@ -187,21 +255,59 @@ class Backbone(nn.Module):
     # -- helpers for subclasses -----------------------------------------------------------------
     def _setup(self) -> None:
         """Register the hooks and probe the layer shapes with `example_input()`."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = [
-            block.register_forward_hook(self._make_hook(i))
-            for i, block in enumerate(self._block_modules())
-        ]
-        if not self._hooks:
-            raise ValueError(f"{type(self).__name__} exposes no layers")
+        self._register_hooks()
         was_training = self.training
         self.eval()
+        self.layer_specs, self.input_spec = [], None
         with torch.no_grad():
             x = self.example_input(2)
             feats = self.features(x)
+            self.layer_specs = [self._layer_spec(i, f) for i, f in enumerate(feats)]
+            self.input_spec = self._probe_input_spec(x, feats[0])
         self.train(was_training)
-        self.layer_specs = [self._layer_spec(i, f) for i, f in enumerate(feats)]
+
+    def _register_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        if self._input_hook is not None:
+            self._input_hook.remove()
+        blocks = self._block_modules()
+        self._hooks = [block.register_forward_hook(self._make_hook(i)) for i, block in enumerate(blocks)]
+        if not self._hooks:
+            raise ValueError(f"{type(self).__name__} exposes no layers")
+        self._input_hook = blocks[0].register_forward_pre_hook(self._keep_input, with_kwargs=True)
+
+    def _keep_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._want_input:
+            self._input = _first_tensor(args, kwargs)
+
+    def _probe_input_spec(self, x: Any, first: Tensor) -> LayerSpec | None:
+        """b_0's layout when the first block's input is a token sequence shaped like b_1."""
+        self._store.clear()
+        self._input, self._want_input = None, True
+        try:
+            self._run(x)
+        finally:
+            self._want_input = False
+            self._store.clear()
+        raw, self._input = self._input, None
+        if not isinstance(raw, Tensor) or raw.dim() != 3:
+            return None
+        tokens = self._input_tokens(raw)
+        if tokens.shape[:2] != first.shape[:2]:
+            return None
+        spec = self.layer_specs[0]
+        return LayerSpec(int(tokens.shape[-1]), spec.grid, spec.prefix)
+
+    def clone(self) -> Backbone:
+        """A deep copy with its own layer hooks (a plain deepcopy keeps hooks that fill the original)."""
+        dup = copy.deepcopy(self)
+        for handle in [*dup._hooks, dup._input_hook]:  # the copied handles point at the copied blocks
+            if handle is not None:
+                handle.remove()
+        dup._hooks, dup._input_hook = [], None
+        dup._register_hooks()
+        return dup
 
     def _layer_spec(self, index: int, tokens: Tensor) -> LayerSpec:
         """Default: no grid. Image wrappers override to report their patch grid."""

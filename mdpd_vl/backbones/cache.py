@@ -57,21 +57,24 @@ class FeatureStore:
 
 def cache_key(backbone: Backbone, data: Mapping[str, Any]) -> str:
     """Key from the backbone recipe, its weights and the caller's data description."""
-    blob = json.dumps({"spec": backbone.spec(), "weights": weights_digest(backbone), "data": data}, sort_keys=True,
-                      default=str)
+    # "layout": 2 = b_0 (the first block's input) cached too where the backbone has one
+    blob = json.dumps({"spec": backbone.spec(), "weights": weights_digest(backbone), "data": data, "layout": 2},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
 @torch.no_grad()
 def compute_features(backbone: Backbone, batches: Iterable[Any], total: int | None = None,
                      desc: str = "caching features") -> FeatureStore:
-    """Run the frozen backbone (eval mode) over `batches` and keep every layer as float16."""
+    """Run the frozen backbone (eval mode) over `batches` and keep every layer as float16 (with b_0,
+    the input of the first block, in front when the backbone has one: side networks read it)."""
     was = backbone.training
     backbone.eval()
     chunks: list[list[Tensor]] = []
     masks: list[Tensor] = []
     for x in tqdm(batches, total=total, desc=desc, unit="batch", file=sys.stderr):
-        chunks.append([f.to(torch.float16).cpu() for f in backbone.features(x)])
+        feats = backbone.features(x, with_input=backbone.input_spec is not None)
+        chunks.append([f.to(torch.float16).cpu() for f in feats])
         m = backbone.padding_mask(x)
         if m is not None:
             masks.append(m.cpu())

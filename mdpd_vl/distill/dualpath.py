@@ -10,9 +10,14 @@ One training step (`forward`):
    y_S), 'shallow' (phi(s_l) imitates b_l), 'deep' (G regenerates masked phi(s_l)), 'logits'
    (y_B learns from the detached y_S, or from an EMA copy of the side path) and optionally
    'task_backbone'.
-The backbone always runs in eval mode (`train()` is overridden): its weights are frozen, so
-BatchNorm running statistics must not drift and dropout must not perturb the teacher features
-(which also makes per-layer features cacheable when only the head trains).
+Frozen-backbone mode (`backbone_mode`, set from `MethodConfig.backbone_mode`, the same for every
+method): 'eval' (default) runs the frozen backbone in eval mode: BatchNorm running statistics never
+drift and dropout does not perturb the teacher features (which also makes per-layer features
+cacheable when only the head trains); 'bn_eval' keeps dropout as in training (the official
+VSE-infinity / LST recipes) with BatchNorm still frozen.
+
+Once per optimiser step (not per forward: a step may hold several micro-batches), see
+`distill/steps.py`: the `alternate` phase advances and the EMA teacher is updated.
 """
 
 from __future__ import annotations
@@ -31,21 +36,44 @@ from mdpd_vl.distill.bottleneck import Bottleneck
 from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
 from mdpd_vl.distill.losses import imitation_loss, logits_mse, masked_generation_loss, relational_kl
+from mdpd_vl.distill.steps import watch_optimizer_steps
 from mdpd_vl.errors import UserError
 from mdpd_vl.export import FadedModel
 from mdpd_vl.side.base import SideNetwork
+from mdpd_vl.side.lst import mask_for
 
 TaskLoss = Callable[[Tensor], Tensor]
 GROUP_NAMES = ("side", "distill", "side_head", "backbone_head", "backbone_norms")
+BACKBONE_MODES = ("eval", "bn_eval")
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def set_frozen_mode(module: nn.Module, mode: str, training: bool) -> None:
+    """Frozen-backbone mode: 'eval' = whole module in eval; 'bn_eval' = as `training`, BatchNorm in eval;
+    'train' = as `training` (full fine-tuning)."""
+    if mode == "eval":
+        module.eval()
+        return
+    module.train(training)
+    if mode == "bn_eval":
+        for m in module.modules():
+            if isinstance(m, BN_TYPES):
+                m.eval()
 
 
 @dataclass
 class DualPathOutput:
-    """Both outputs of one step and the named, already weighted losses."""
+    """Both outputs of one step, the side-to-backbone teacher and the named, already weighted losses.
+
+    `y_teacher` is what every side-to-backbone term must learn from (detached): the EMA teacher's
+    output when `ema_teacher` is set, else the live side output `y_side`. Task layers that add their
+    own side-to-backbone terms (the cross-modal relational KL of retrieval) use it too.
+    """
 
     y_side: Tensor
     y_backbone: Tensor
     losses: dict[str, Tensor]
+    y_teacher: Tensor | None = None
 
     @property
     def loss(self) -> Tensor:
@@ -65,10 +93,12 @@ class SideKeptModel(nn.Module):
         self.head = head
 
     def forward(self, x: Any) -> Tensor:
+        # the backbone runs only as far as the side network reads (SHERL re-runs its last blocks itself)
         with torch.no_grad():
-            feats = self.backbone.features(x)
+            feats, emb = self.side.backbone_inputs(self.backbone, x)
         valid = self.backbone.padding_mask(x)
-        return self.head(self.side([f.detach() for f in feats], valid).tokens, valid)
+        out = self.side([f.detach() for f in feats], valid, None if emb is None else emb.detach())
+        return self.head(out.tokens, mask_for(valid, out.tokens.shape[1]))
 
 
 class EmaTeacher(nn.Module):
@@ -102,9 +132,11 @@ class EmaTeacher(nn.Module):
                 ema.lerp_(module.get_parameter(name).detach(), 1.0 - self.decay)
 
     @torch.no_grad()
-    def forward(self, side: SideNetwork, head: nn.Module, feats: list[Tensor], valid: Tensor | None) -> Tensor:
-        out = functional_call(side, self._tensors("side"), (feats, valid), strict=False)
-        return functional_call(head, self._tensors("head"), (out.tokens, valid), strict=False)
+    def forward(self, side: SideNetwork, head: nn.Module, feats: list[Tensor], valid: Tensor | None,
+                embeddings: Tensor | None = None) -> Tensor:
+        out = functional_call(side, self._tensors("side"), (feats, valid, embeddings), strict=False)
+        return functional_call(head, self._tensors("head"), (out.tokens, mask_for(valid, out.tokens.shape[1])),
+                               strict=False)
 
 
 class DualPath(nn.Module):
@@ -154,8 +186,11 @@ class DualPath(nn.Module):
         self._freeze()
         backbone.set_checkpointing(cfg.checkpointing)
         self.ema = EmaTeacher(side, head_side, backbone, cfg.ema_teacher) if cfg.ema_teacher is not None else None
-        self.step = 0
+        self.backbone_mode = "eval"
+        self.step = 0  # training forwards (seeds the masks: every micro-batch draws its own)
+        self.optimizer_steps = 0  # optimiser steps taken on this model (alternate phase, EMA updates)
         self.last_masks: dict[int, Tensor] = {}
+        watch_optimizer_steps(self)
         self.train(self.training)
 
     # -- construction helpers -------------------------------------------------------------------
@@ -230,42 +265,74 @@ class DualPath(nn.Module):
 
     # -- modes --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DualPath:
-        """Train the side/distill/heads; the frozen backbone (and EMA teacher) stay in eval mode."""
+        """Train the side/distill/heads; the frozen backbone follows `backbone_mode`; the EMA teacher is
+        always in eval mode."""
         super().train(mode)
-        self.backbone.eval()
+        set_frozen_mode(self.backbone, self.backbone_mode, mode)
         if self.ema is not None:
             self.ema.eval()
         return self
 
+    def set_backbone_mode(self, mode: str) -> None:
+        """'eval' (default) or 'bn_eval' for the frozen backbone (see the module docstring)."""
+        if mode not in BACKBONE_MODES:
+            raise UserError(f"unknown mode {mode!r}; valid: {', '.join(BACKBONE_MODES)}", field="backbone_mode")
+        self.backbone_mode = mode
+        self.train(self.training)
+
     def get_extra_state(self) -> Tensor:
-        # the step counter decides the mask and the alternate phase, so exact resume needs it
-        return torch.tensor([self.step], dtype=torch.long)
+        # the counters decide the masks and the alternate phase, so exact resume needs them
+        return torch.tensor([self.step, self.optimizer_steps], dtype=torch.long)
 
     def set_extra_state(self, state: Any) -> None:
-        self.step = int(torch.as_tensor(state).reshape(-1)[0])
+        values = torch.as_tensor(state).reshape(-1).tolist()
+        self.step = int(values[0])
+        self.optimizer_steps = int(values[1]) if len(values) > 1 else self.step
+
+    # -- once per optimiser step (distill/steps.py) ----------------------------------------------
+    def watched_parameters(self) -> list[nn.Parameter]:
+        """One parameter of each non-empty group: an optimizer holding any of them trains this model."""
+        return [params[0] for params in self.param_groups().values() if params]
+
+    def after_optimizer_step(self) -> None:
+        """Advance the alternate phase and move the EMA teacher towards the live side path."""
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update(self.side, self.head_side)
 
     def _phase(self) -> str:
+        """'joint', or for `alternate` the phase of the current optimiser step: even steps train the
+        side path, odd steps the backbone path (every micro-batch of one step shares its phase)."""
         if self.cfg.schedule == "joint" or not self.training:
             return "joint"
-        return "side" if self.step % 2 == 0 else "backbone"
+        return "side" if self.optimizer_steps % 2 == 0 else "backbone"
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The distinct training phases (the benchmark times each)."""
+        return ("side", "backbone") if self.cfg.schedule == "alternate" else ("joint",)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Any, task_loss: TaskLoss | None = None) -> DualPathOutput:
         """One dual-path pass. `task_loss(y) -> scalar` (closing over the labels) is optional:
-        recipes whose task loss couples two towers compute it outside on `y_side`/`y_backbone`."""
+        recipes whose task loss couples two towers compute it outside on `y_side`/`y_backbone`, and
+        learn the backbone path from `y_teacher`."""
         cfg, grad = self.cfg, torch.is_grad_enabled()
         phase = self._phase()
-        if self.ema is not None and self.training and grad:
-            self.ema.update(self.side, self.head_side)
         valid = self.backbone.padding_mask(x)
         with torch.set_grad_enabled(grad and bool(self._norms) and phase != "side"):
-            feats = self.backbone.features(x)
+            feats = self.backbone.features(x, with_input=self.side.reads_input)
+        emb = feats.pop(0).detach() if self.side.reads_input else None
         side_in = [f.detach() for f in feats]
         with torch.set_grad_enabled(grad and phase != "backbone"):
-            side_out = self.side(side_in, valid)
-            y_side = self.head_side(side_out.tokens, valid)
+            side_out = self.side(side_in, valid, emb)
+            y_side = self.head_side(side_out.tokens, mask_for(valid, side_out.tokens.shape[1]))
         with torch.set_grad_enabled(grad and phase != "side"):
             y_backbone = self.head_backbone(feats[-1], valid)
+        if self.ema is not None and phase != "side":
+            y_teacher = self.ema(self.side, self.head_side, side_in, valid, emb)
+        else:
+            y_teacher = y_side.detach()
 
         losses: dict[str, Tensor] = {}
         if phase != "backbone":
@@ -274,17 +341,16 @@ class DualPath(nn.Module):
             losses.update(self._feature_losses(side_in, side_out.layers, valid))
         if phase != "side":
             if cfg.logits != "none":
-                teacher = y_side.detach() if self.ema is None else self.ema(self.side, self.head_side, side_in, valid)
                 if cfg.logits == "mse":
-                    raw = logits_mse(teacher, y_backbone)
+                    raw = logits_mse(y_teacher, y_backbone)
                 else:
-                    raw = relational_kl(teacher, y_backbone, cfg.temperature)
+                    raw = relational_kl(y_teacher, y_backbone, cfg.temperature)
                 losses["logits"] = cfg.logits_weight * raw
             if cfg.task_on_backbone and task_loss is not None:
                 losses["task_backbone"] = cfg.task_weight * task_loss(y_backbone)
         if self.training and grad:
             self.step += 1
-        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses)
+        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses, y_teacher=y_teacher)
 
     def _mask_generator(self) -> torch.Generator:
         # seeded from (seed, step): reproducible, and exact after resume without saving RNG state

@@ -5,8 +5,10 @@ couples the towers (a caption is matched against the images of the batch), so it
 here rather than inside a tower. For MDPD the backbone path of both towers learns from the side
 path through, per config:
 - `logits`: the paper's per-tower distillation (MSE, or in-batch relational KL), inside DualPath;
-- `cross_relational`: the side path's image-to-text similarity distribution (softmax over the
-  batch, temperature `rel_temperature`, teacher detached) taught to the backbone path by KL;
+- `cross_relational`: the teacher's image-to-text similarity distribution (softmax over the
+  batch, temperature `rel_temperature`, detached; the teacher is `DualPathOutput.y_teacher`: the
+  EMA side path when `distill.ema_teacher` is set, else the live side path) taught to the
+  backbone path by KL;
 - `backbone_task`: the VSE loss on the backbone path's own embeddings as well.
 """
 
@@ -86,25 +88,25 @@ class DualTowerRetrieval(nn.Module):
         hardest = self.epoch >= self.cfg.warmup_epochs
         return vse_loss(img, txt, self.cfg.margin, max_violation=hardest, image_ids=image_ids)
 
-    def _tower(self, tuned: TunedModel, x: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    def _tower(self, tuned: TunedModel, x: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor], Tensor | None]:
         if isinstance(tuned, MdpdTuned):
             out = tuned.core(x)  # no per-tower task loss: the task loss couples the towers
-            return out.y_side, out.y_backbone, out.losses
+            return out.y_side, out.y_backbone, out.losses, out.y_teacher
         y, losses = tuned.train_forward(x)
-        return y, None, losses
+        return y, None, losses, None
 
     def losses(self, images: Any, texts: Any, image_ids: Tensor | None = None) -> dict[str, Tensor]:
         """Named, weighted losses of one batch; their sum is the objective."""
-        yi, bi, li = self._tower(self.image, images)
-        yt, bt, lt = self._tower(self.text, texts)
+        yi, bi, li, ti = self._tower(self.image, images)
+        yt, bt, lt, tt = self._tower(self.text, texts)
         out = {"task": self.task_loss(yi, yt, image_ids)}
         out.update({f"image_{k}": v for k, v in li.items()})
         out.update({f"text_{k}": v for k, v in lt.items()})
         if bi is not None and bt is not None:
             if self.cfg.backbone_task:
                 out["task_backbone"] = self.task_loss(bi, bt, image_ids)
-            if self.cfg.cross_relational > 0:
-                side_sim = F.normalize(yi, dim=-1) @ F.normalize(yt, dim=-1).t()
+            if self.cfg.cross_relational > 0 and ti is not None and tt is not None:
+                side_sim = F.normalize(ti, dim=-1) @ F.normalize(tt, dim=-1).t()
                 bb_sim = F.normalize(bi, dim=-1) @ F.normalize(bt, dim=-1).t()
                 kl = relational_kl_2d(side_sim, bb_sim, self.cfg.rel_temperature)
                 out["cross_relational"] = self.cfg.cross_relational * kl

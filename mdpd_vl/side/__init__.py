@@ -8,6 +8,7 @@ from typing import Any
 from mdpd_vl.backbones.base import Backbone, LayerSpec
 from mdpd_vl.registry import Registry
 from mdpd_vl.side.base import SideNetwork, SideOutput
+from mdpd_vl.side.blocks import BlockRunner
 from mdpd_vl.side.config import LSTConfig, SHERLConfig, SideConfig, SideConfigError, UniPTConfig
 from mdpd_vl.side.lst import LST
 from mdpd_vl.side.sherl import SHERL
@@ -44,6 +45,6 @@ def build_side(name: str, specs: list[LayerSpec], cfg: SideConfig | Mapping[str,
 
 
 __all__ = [
-    "LST", "SHERL", "SIDE_NETWORKS", "LSTConfig", "SHERLConfig", "SideConfig", "SideConfigError",
+    "LST", "SHERL", "BlockRunner", "SIDE_NETWORKS", "LSTConfig", "SHERLConfig", "SideConfig", "SideConfigError",
     "SideNetwork", "SideOutput", "UniPT", "UniPTConfig", "build_side", "side_config",
 ]

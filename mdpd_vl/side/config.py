@@ -75,9 +75,31 @@ class SideConfig:
         return self.out_width if self.out_width is not None else specs[-1].width
 
 
+UNIPT_VARIANTS = ("vse", "clip4clip")
+CLASS_TOKENS = ("auto", "first", "last")
+
+
 @dataclass
 class UniPTConfig(SideConfig):
     """UniPT (CVPR 2024): per-layer projections, parameter-free cross-attention onto the anchor."""
+
+    variant: str = field(
+        default="vse",
+        metadata={"help": "vse: the official VSE-infinity form (image-text retrieval; token or CNN-stage hosts); "
+                  "clip4clip: the official CLIP4Clip form (one pooled anchor token; video retrieval)"},
+    )
+    class_token: str = field(
+        default="auto",
+        metadata={"help": "clip4clip: the class token of a text layer: first, last (valid token: CLIP's EOT) or "
+                  "auto (last for causal text towers, else first); image layers use their prefix token"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in UNIPT_VARIANTS:
+            raise self.error("variant", f"unknown variant {self.variant!r}; valid: {', '.join(UNIPT_VARIANTS)}")
+        if self.class_token not in CLASS_TOKENS:
+            raise self.error("class_token", f"must be one of {', '.join(CLASS_TOKENS)}, got {self.class_token!r}")
 
 
 @dataclass
@@ -86,7 +108,8 @@ class SHERLConfig(SideConfig):
 
     late_blocks: int = field(
         default=1,
-        metadata={"help": "how many of the last frozen backbone blocks the late route re-runs (0 = none)"},
+        metadata={"help": "how many of the last frozen backbone blocks (CNN: units of the deepest stage) the "
+                  "side output always goes through (official: 1)"},
     )
     gate_temperature: float = field(
         default=0.1, metadata={"help": "T of the late-route gate tanh(alpha / T); alpha starts at 0"}
@@ -94,7 +117,7 @@ class SHERLConfig(SideConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_int("late_blocks", self.late_blocks, 0)
+        self._check_int("late_blocks", self.late_blocks, 1)
         if not self.gate_temperature > 0:
             raise self.error("gate_temperature", f"must be > 0, got {self.gate_temperature}")
 
@@ -117,8 +140,9 @@ class LSTConfig(SideConfig):
         metadata={"help": "0-based indices of the backbone layers that get a side block; None = all"},
     )
     init_from_backbone: bool = field(
-        default=False,
-        metadata={"help": "initialise side blocks by structured (L1) pruning of the backbone blocks"},
+        default=True,
+        metadata={"help": "initialise side blocks by structured pruning (largest L1 norm) of the backbone "
+                  "blocks, as the official scripts do; false = random init"},
     )
     heads: int | None = field(
         default=None,

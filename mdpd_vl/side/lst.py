@@ -1,21 +1,28 @@
 """LST (Ladder Side-Tuning, NeurIPS 2022): a ladder of small transformer blocks beside the backbone.
 
-Layer by layer, the ladder state h takes in the down-projected backbone feature through a gate,
-h = g h + (1 - g) down_l(b_l) with g = sigmoid(alpha_l / T), alpha_l = 0 (g = 0.5 at start), and
-then, for the layers picked by `layers`, runs a side block (pre-LN self-attention + MLP) at the
-side width d (default D // r, D = deepest backbone width).
+Follows ylsung/Ladder-Side-Tuning `seq2seq/third_party/models/t5/modeling_side_t5.py` (`T5Stack`
+with `side_block`, `side_first_downsample`, `side_downsamples`, learnable gates, `add_residual_after`
+false, and the pruned initialisation of `seq2seq/pruning/pruning_methods.py`):
+- the ladder starts from the embeddings: h = down_0(b_0), b_0 = the input of the first block;
+- for every layer l picked by `layers` (official `encoder_side_layers`; None = all):
+  h = g_l h + (1 - g_l) down_l(b_l), g_l = sigmoid(alpha_l / T), alpha_l = 0 (g = 0.5 at start), then
+  h = side_block_l(h) (pre-LN self-attention + MLP at width d = D // r);
+- a dropped layer loses both its block and its connection: no down_l, no gate, nothing happens;
+- the output is LN(h) -> Linear(d -> out_width) (official `final_side_layer_norm` + `side_final_upsample`);
+- side blocks start from the backbone blocks by structured pruning (`init_from_backbone`, default
+  on, as in the official scripts): per selected layer, the rows/columns with the largest L1 norm of a
+  compatible transformer block (open_clip, timm ViT, HF BERT / CLIP / ViT layers); LayerNorms are
+  copied only from pre-LN blocks. Anything else keeps the random init, with a log line.
 
-Choices where the paper is silent or our backbones differ from T5:
-- There are no embeddings among the backbone layers, so the ladder starts from down_1(b_1); the
-  first layer therefore has no gate.
-- When a layer's token layout differs from the previous one (CNN stages), h is first resampled to
-  it (`resample_tokens`: adaptive average pooling over the grid, prefix tokens kept).
-- A layer left out of `layers` keeps its cheap connection (down_l and its gate) but gets no side
-  block: s_l is the gated ladder state, so every backbone layer still has its s_l for MDPD.
-- All s_l have the ladder width d (`layer_widths = [d] * L`), also for CNNs with varying widths.
-- `init_from_backbone` copies, per selected layer, the rows/columns with the largest L1 norm of a
-  compatible backbone transformer block (open_clip, timm ViT, HF BERT / CLIP / ViT layers); LayerNorms
-  are copied only from pre-LN blocks. Anything else keeps the random init, with a log line.
+Deviations (named): the pruning criterion is the weight magnitude (the official code's data-free
+option, `load_side_pretrained_weights: t5-base-v2`); the official scripts use `fisher-v2`, which needs
+task gradients before the side network exists. Side blocks are pre-LN GELU blocks, not T5 blocks
+(RMSNorm, relative position bias). Where the backbone exposes no embeddings (CNN stems: their
+input is a map of another grid) the first layer stands in for them: h = down_0(b_1). When a layer's
+token layout differs from h's (CNN stages), h is first resampled to it (`resample_tokens`), and grid
+layers with more than `max_tokens` tokens run the ladder on an average-pooled grid.
+s_l (what MDPD distils into b_l) is the ladder state after layer l (carried over a dropped layer),
+resampled to b_l's layout; all s_l have the ladder width d.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone, LayerSpec
-from mdpd_vl.side.base import SideNetwork, SideOutput
+from mdpd_vl.side.base import SideNetwork, SideOutput, reads_embeddings
 from mdpd_vl.side.config import LSTConfig
 
 log = logging.getLogger(__name__)
@@ -230,8 +237,12 @@ class LST(SideNetwork):
         weights = self._backbone_weights(backbone) if cfg.init_from_backbone else {}
         first = next(iter(weights.values()), None)
         heads = cfg.heads or auto_heads(width, first["heads"] if first else None)
-        self.down = nn.ModuleList(nn.Linear(s.width, width) for s in self.specs)
-        self.alpha = nn.Parameter(torch.zeros(n - 1))  # gates of layers 2..L; the ladder starts at layer 1
+        input_spec = reads_embeddings(backbone, self.specs)
+        self.reads_input = input_spec is not None
+        self.input_layout = input_spec or self.specs[0]
+        self.first_down = nn.Linear(self.input_layout.width, width)
+        self.down = nn.ModuleDict({str(i): nn.Linear(self.specs[i].width, width) for i in self.selected})
+        self.alpha = nn.Parameter(torch.zeros(len(self.selected)))  # one gate per selected layer
         self.blocks = nn.ModuleDict({str(i): SideBlock(width, heads, cfg.mlp_ratio) for i in self.selected})
         self.norm = nn.LayerNorm(width)
         self.out_width = cfg.output_width(self.specs)
@@ -241,30 +252,30 @@ class LST(SideNetwork):
             self._prune_init(weights)
 
     def gates(self) -> Tensor:
-        """g_l = sigmoid(alpha_l / T) for layers 2..L (0.5 at initialisation)."""
+        """g_l = sigmoid(alpha_l / T) for the selected layers, in order (0.5 at initialisation)."""
         return torch.sigmoid(self.alpha / self.cfg.gate_temperature)
 
-    def forward(self, feats: list[Tensor], mask: Tensor | None = None) -> SideOutput:
-        if len(feats) != len(self.specs):
-            raise ValueError(f"LST expects {len(self.specs)} layers, got {len(feats)}")
+    def forward(self, feats: list[Tensor], mask: Tensor | None = None, embeddings: Tensor | None = None) -> SideOutput:
+        self._check_inputs(feats, embeddings)
+        feats = feats[: len(self.specs)]
         gates = self.gates()
-        h: Tensor | None = None
+        start = embeddings if self.reads_input else feats[0]
+        prev = self._coarse(self.input_layout, start.shape[1])
+        h = self.first_down(self._pool(start, self.input_layout, prev))
         layers: list[Tensor] = []
-        prev: LayerSpec | None = None
         for i, (b, spec) in enumerate(zip(feats, self.specs)):
             coarse = self._coarse(spec, b.shape[1])
-            x = self.down[i](resample_tokens(b, spec, coarse, coarse_tokens(coarse)) if coarse is not spec else b)
-            if h is None or prev is None:
-                h = x
-            else:
-                h = resample_tokens(h, prev, coarse, x.shape[1])
-                h = gates[i - 1] * h + (1 - gates[i - 1]) * x
             if str(i) in self.blocks:
+                h = resample_tokens(h, prev, coarse, coarse_tokens(coarse) if coarse.grid else b.shape[1])
+                g = gates[self.selected.index(i)]
+                h = g * h + (1 - g) * self.down[str(i)](self._pool(b, spec, coarse))
                 h = self.blocks[str(i)](h, mask_for(mask, h.shape[1]))
-            layers.append(h if coarse is spec else resample_tokens(h, coarse, spec, b.shape[1]))
-            prev = coarse
-        assert h is not None
+                prev = coarse
+            layers.append(resample_tokens(h, prev, spec, b.shape[1]))
         return SideOutput(layers=layers, tokens=self.head(self.norm(h)))
+
+    def _pool(self, b: Tensor, spec: LayerSpec, coarse: LayerSpec) -> Tensor:
+        return b if coarse is spec else resample_tokens(b, spec, coarse, coarse_tokens(coarse))
 
     def _coarse(self, spec: LayerSpec, n: int) -> LayerSpec:
         """The layout the ladder uses for a layer: its own, or a pooled grid of <= max_tokens tokens."""

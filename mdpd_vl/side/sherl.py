@@ -1,161 +1,134 @@
-"""SHERL (ECCV 2024): redundancy-aware early fusion, then a gated late route through frozen blocks.
+"""SHERL (ECCV 2024): redundancy-aware early fusion, then the late route through the frozen last block.
 
-Early route: s_l = LN(Linear(D_l -> D_l // r)(b_l)) (the side feature MDPD distils), t_l = map to
-the fusion width d (identity when equal), resampled to the deepest layer's token layout. The
-deepest layer guides: for every token, layer i < L gets weight relu(w . (t_i * t_L)) / red_i with
-red_i = sum_j relu(cos(t_i, t_j)) over the shallower layers (a layer that repeats the others counts
-less), L1-normalised over layers; fused = t_L + sum_i w_i t_i; early = LN(Linear(relu(fused))).
+Follows Paranioar/SHERL `VSE-infty/lib/adapter_for_transformer.py` (`sherl_for_transformer`),
+`adapter_for_cnn.py` (`sherl_for_resnet`) and their use in `encoders.py` / `modules/resnet.py`:
 
-Late route: fused -> ReLU -> Linear(d -> width of layer L-k) -> LN, resampled to that layer's
-layout, then re-run through the backbone's last k blocks (`late_blocks`). The blocks are never
-registered here and run with detached parameters and copied buffers, so no backbone tensor gets a
-gradient or changes while gradients still reach the side parameters through them.
-tokens = early + tanh(alpha / T) * late, alpha = 0: the gate starts closed (tokens = early route).
-Without a backbone, or when its blocks cannot be re-run standalone (`BlockRunner` knows open_clip
-resblocks, transformers layers, conv stages and token blocks such as timm's ViT), the late route is
-a small trainable transformer block at width d instead, and a log line says so.
+- The backbone runs up to the input h of its last k blocks (`late_blocks`, official 1): transformers
+  read b_0 (the embeddings, when exposed) .. b_{L-k} and h = b_{L-k}; CNN hosts read the stages
+  before the deepest one and h is the input of the last k units (bottlenecks) of the deepest stage,
+  which the side network computes by running that stage's earlier units itself.
+- Early route: every source is projected to width d (transformers: Linear + LN; CNN: max + average
+  pooling onto h's grid, then conv1x1 + BN). The projected h (or, when h is itself a layer, the
+  deepest source) guides: per token, layer i gets relu(w . (f_i * g)) / red_i with
+  red_i = sum_j relu(cos(f_i, f_j)) over the other sources, L1-normalised over layers;
+  fused = g + sum_i w_i f_i.
+- Late route: x = fc_out(fused) + tanh(alpha / T) * h, alpha = 0 at start (transformers:
+  fc_out = ReLU -> Linear(d -> D_h) -> LN -> Dropout(0.1); CNN: conv1x1 -> BN -> ReLU), then x ALWAYS
+  goes through the frozen last block(s): at initialisation the frozen block sees only the side
+  output, and gradients reach fc_out through it. CNN hosts re-run only those last units, plus any
+  module between them and the deepest layer (EfficientNet's conv_head), found by a probe.
+  The re-run modules are never registered here; they run with detached parameters and copied
+  buffers (`side.blocks.BlockRunner`), so no backbone tensor gets a gradient or changes.
+- Served alone (`SideKeptModel`), the backbone stops at h (`reads_layers`), so SHERL costs the
+  official L block runs, not L + k.
+
+s_l (what MDPD distils into b_l) is the projected source for the layers SHERL reads (resampled back
+to b_l's grid on CNNs) and the re-run blocks' outputs for the layers above h.
+
+Fallback, named in a log line: without a backbone, or when the probe cannot reproduce b_L by
+re-running, the frozen blocks are replaced by a trainable transformer block at h's width.
+Deviation: `out_width` other than the deepest width adds a Linear after the late route (the official
+output width is the backbone's, fed to VSE-infinity's own head).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from mdpd_vl.backbones.base import Backbone, LayerSpec
-from mdpd_vl.side.base import SideNetwork, SideOutput
+from mdpd_vl.side.base import SideNetwork, SideOutput, reads_embeddings
+from mdpd_vl.side.blocks import BlockRunner, block_family, call_order, modules_between
 from mdpd_vl.side.config import SHERLConfig
 from mdpd_vl.side.lst import SideBlock, auto_heads, mask_for, resample_tokens
+from mdpd_vl.side.unipt import TokenBatchNorm, l1norm, same_layout
 
 log = logging.getLogger(__name__)
 
-
-class _Direct(nn.Module):
-    """Calls the class `forward` of a block: skips instance hooks/patches (backbone feature hooks,
-    activation checkpointing) so re-running a block never touches the backbone's state."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return type(self.block).forward(self.block, *args, **kwargs)
+__all__ = ["SHERL", "BlockRunner", "LateRoute", "block_family", "plan_late_route"]
 
 
-def block_family(block: nn.Module) -> str:
-    """Calling convention of a backbone block: 'open_clip', 'hf', 'map' (conv stage) or 'tokens'."""
-    if isinstance(getattr(block, "attn", None), nn.MultiheadAttention) and hasattr(block, "ln_1"):
-        return "open_clip"
-    if type(block).__module__.startswith("transformers."):
-        return "hf"
-    if any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in block.modules()):
-        return "map"
-    return "tokens"
+@dataclass
+class LateRoute:
+    """How SHERL reaches the frozen last blocks of one backbone (see `plan_late_route`)."""
+
+    read: int  # the side network reads b_1..b_read
+    pre: BlockRunner | None  # frozen units run on b_read to give h (CNN); None: h = b_read
+    late: BlockRunner  # frozen modules re-run on fc_out(fused) + gate * h
+    marks: dict[int, int]  # position in `late` -> index of the layer whose output it gives
+    h_spec: LayerSpec  # layout of h
 
 
-def _open_clip_causal(backbone: nn.Module, block: nn.Module) -> Tensor | None:
-    """The causal mask of the open_clip text transformer that owns `block`, if any."""
-    for module in backbone.modules():
-        mask, tower = getattr(module, "attn_mask", None), getattr(module, "transformer", None)
-        if isinstance(mask, Tensor) and any(b is block for b in getattr(tower, "resblocks", [])):
-            return mask
-    return None
+def _units(stage: nn.Module) -> list[nn.Module] | None:
+    return list(stage) if isinstance(stage, nn.Sequential) and len(stage) > 0 else None
 
 
-def _hf_causal(block: nn.Module) -> bool:
-    for module in block.modules():
-        config = getattr(module, "config", None)
-        if config is not None:
-            return bool(getattr(config, "is_decoder", False)) or getattr(config, "model_type", "") == "clip_text_model"
-    return False
-
-
-def _causal_additive(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
-
-
-class BlockRunner:
-    """Re-runs backbone blocks standalone on tokens `B x N x D` with their calling convention."""
-
-    def __init__(self, blocks: list[nn.Module], in_spec: LayerSpec, backbone: nn.Module):
-        self.blocks = [_Direct(b) for b in blocks]
-        self.families = [block_family(b) for b in blocks]
-        self.in_spec = in_spec
-        flag = getattr(backbone, "causal", None)
-        self.causal: list[Tensor | bool | None] = []
-        for block, family in zip(blocks, self.families):
-            if family == "open_clip":
-                found = _open_clip_causal(backbone, block)
-                self.causal.append(found if found is not None else (True if flag else None))
-            else:
-                self.causal.append(bool(flag) if flag is not None else family == "hf" and _hf_causal(block))
-
-    def _call(self, direct: _Direct, *args: object, **kwargs: object) -> object:
-        block = direct.block
-        state = {f"block.{n}": p.detach() for n, p in block.named_parameters()}
-        # copies, so a BatchNorm in train mode cannot update the backbone's running statistics
-        state.update({f"block.{n}": b.clone() for n, b in block.named_buffers()})
-        return functional_call(direct, state, args, kwargs)
-
-    def __call__(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        for direct, family, causal in zip(self.blocks, self.families, self.causal):
-            x = self._run(direct, family, causal, x, mask_for(mask, x.shape[1]))
-        return x
-
-    def _run(self, direct: _Direct, family: str, causal: Tensor | bool | None, x: Tensor,
-             mask: Tensor | None) -> Tensor:
-        n = x.shape[1]
-        if family == "open_clip":
-            batch_first = getattr(direct.block.attn, "batch_first", False)
-            attn_mask = None
-            if isinstance(causal, Tensor):
-                attn_mask = causal[:n, :n].to(x.dtype)
-            elif causal:
-                attn_mask = _causal_additive(n, x.dtype, x.device)
-            y = x if batch_first else x.transpose(0, 1)
-            out = self._call(direct, y, attn_mask=attn_mask)
-            assert isinstance(out, Tensor)
-            return out if batch_first else out.transpose(0, 1)
-        if family == "hf":
-            add = None
-            if mask is not None:
-                add = (~mask.bool())[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
-            if causal:
-                causal_add = _causal_additive(n, x.dtype, x.device)[None, None]
-                add = causal_add if add is None else torch.minimum(add, causal_add)  # min avoids -inf
-            out = self._call(direct, x, attention_mask=add)
-        elif family == "map":
-            if self.in_spec.prefix:
-                raise ValueError("a conv stage cannot take prefix tokens")
-            h, w = self.in_spec.grid_for(n) or (n, 1)
-            out = self._call(direct, x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w))
+@torch.no_grad()
+def plan_late_route(backbone: Backbone, specs: list[LayerSpec], k: int) -> LateRoute:
+    """The late route over `backbone`'s last k blocks (transformers) or units (CNN), checked by a probe
+    that must reproduce the backbone's own layers; raises ValueError when it cannot."""
+    blocks, n = list(backbone.blocks), len(specs)
+    if len(blocks) != n:
+        raise ValueError(f"the backbone has {len(blocks)} blocks for {n} layers")
+    was = backbone.training
+    backbone.eval()
+    try:
+        x = backbone.example_input(2)
+        feats = backbone.features(x)
+        if same_layout(specs):
+            read, pre = n - k, None
+            late = BlockRunner(blocks[read:], specs[read - 1], backbone)
+            marks = {i: read + i for i in range(k)}
+            h_spec = specs[read - 1]
         else:
-            out = self._call(direct, x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        assert isinstance(out, Tensor)
-        return out.flatten(2).transpose(1, 2) if out.dim() == 4 else out
+            stage = next((i for i in reversed(range(1, n)) if len(_units(blocks[i]) or []) >= k), None)
+            if stage is None:
+                raise ValueError(f"no CNN stage after the first has {k} unit(s) to re-run")
+            units = _units(blocks[stage]) or []
+            read = stage
+            pre = BlockRunner(units[:-k], specs[read - 1], backbone) if len(units) > k else None
+            modules, marks = list(units[-k:]), {}
+            marks[len(modules) - 1] = stage
+            events = call_order(backbone, lambda: backbone.features(x))
+            for layer in range(stage + 1, n):
+                modules += [*modules_between(events, blocks[layer - 1], blocks[layer]), blocks[layer]]
+                marks[len(modules) - 1] = layer
+            h0 = pre(feats[read - 1], None) if pre is not None else feats[read - 1]
+            grid = specs[stage].grid if pre is not None else specs[read - 1].grid
+            h_spec = LayerSpec(int(h0.shape[-1]), grid, 0)
+            late = BlockRunner(modules, h_spec, backbone, marks=marks)
+        h = pre(feats[read - 1], None) if pre is not None else feats[read - 1]
+        mask = backbone.padding_mask(x)
+        outs = late.run(h, mask)
+        for (pos, layer), out in zip(sorted(marks.items()), outs):
+            want = feats[layer]
+            valid = mask[..., None] if mask is not None and mask.shape[1] == want.shape[1] else 1
+            if out.shape != want.shape or not torch.allclose(out * valid, want * valid, atol=1e-4, rtol=1e-3):
+                raise ValueError(f"re-running does not reproduce layer {layer} (module {pos})")
+    finally:
+        backbone.train(was)
+    return LateRoute(read, pre, late, marks, h_spec)
 
 
-def make_runner(backbone: Backbone, k: int, specs: list[LayerSpec]) -> BlockRunner:
-    """A runner over the backbone's last `k` blocks, probed once; raises if they cannot re-run."""
-    blocks = list(backbone.blocks)
-    if len(blocks) != len(specs):
-        raise ValueError(f"the backbone has {len(blocks)} blocks for {len(specs)} layers")
-    in_spec, out_spec = specs[-k - 1], specs[-1]
-    runner = BlockRunner(blocks[-k:], in_spec, backbone)
-    n_in = in_spec.prefix + in_spec.grid[0] * in_spec.grid[1] if in_spec.grid else 4
-    n_out = out_spec.prefix + out_spec.grid[0] * out_spec.grid[1] if out_spec.grid else n_in
-    param = next(iter(blocks[-1].parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    with torch.no_grad():
-        out = runner(torch.zeros(2, n_in, in_spec.width, device=device, dtype=dtype), None)
-    if tuple(out.shape) != (2, n_out, out_spec.width):
-        raise ValueError(f"re-running gives {tuple(out.shape)}, expected {(2, n_out, out_spec.width)}")
-    return runner
+class _PoolProject(nn.Module):
+    """CNN source -> h's grid (max + average pooling, official `Downsample`) -> conv1x1 + BN."""
+
+    def __init__(self, width: int, d: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(width, d), TokenBatchNorm(d))
+
+    def forward(self, x: Tensor, spec: LayerSpec, target: LayerSpec, n_target: int) -> Tensor:
+        (h, w), size = spec.grid_for(x.shape[1]), target.grid_for(n_target)
+        fmap = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        if (h, w) != size:
+            fmap = F.adaptive_max_pool2d(fmap, size) + F.adaptive_avg_pool2d(fmap, size)
+        else:
+            fmap = fmap + fmap  # max + average pooling of a 1x1 window, as the official rate-1 layer does
+        return self.proj(fmap.flatten(2).transpose(1, 2))
 
 
 class SHERL(SideNetwork):
@@ -166,79 +139,111 @@ class SHERL(SideNetwork):
         cfg = cfg if cfg is not None else SHERLConfig()
         cfg.validate(self.specs)
         self.cfg = cfg
-        d = cfg.side_width(self.specs)
-        self.layer_widths = [s.width // cfg.r for s in self.specs]
-        self.out_width = cfg.output_width(self.specs)
-        self.proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(s.width, w), nn.LayerNorm(w)) for s, w in zip(self.specs, self.layer_widths)
-        )
-        self.to_d = nn.ModuleList(nn.Identity() if w == d else nn.Linear(w, d) for w in self.layer_widths)
-        self.guide = nn.Linear(d, 1)
-        self.early_out = nn.Sequential(nn.ReLU(), nn.Linear(d, self.out_width), nn.LayerNorm(self.out_width))
-        self._runner: list[BlockRunner] = []  # a plain list: the backbone blocks are not ours to register
-        self.late_in: nn.Module | None = None
-        self.late_out: nn.Module | None = None
-        self.alpha: nn.Parameter | None = None
-        if cfg.late_blocks > 0:
-            self._build_late(cfg.late_blocks, d, backbone)
-
-    def _build_late(self, k: int, d: int, backbone: Backbone | None) -> None:
-        self.alpha = nn.Parameter(torch.zeros(1))
+        d, k = cfg.side_width(self.specs), cfg.late_blocks
+        self.tokens_form = same_layout(self.specs)
+        self._route: list[LateRoute] = []  # a plain list: the backbone modules are not ours to register
         reason = "no backbone was given"
         if backbone is not None:
             try:
-                self._runner = [make_runner(backbone, k, self.specs)]
+                self._route = [plan_late_route(backbone, self.specs, k)]
             except Exception as err:  # any failure to re-run means: use the trainable fallback
                 reason = f"its last {k} block(s) cannot be re-run standalone ({type(err).__name__}: {err})"
-        if self._runner:
-            width_in, deepest = self.specs[-k - 1].width, self.specs[-1].width
-            self.late_in = nn.Sequential(nn.ReLU(), nn.Linear(d, width_in), nn.LayerNorm(width_in))
-            self.late_out = nn.Identity() if deepest == self.out_width else nn.Linear(deepest, self.out_width)
-            log.info("SHERL: late route through the last %d frozen backbone block(s)", k)
-            return
-        log.warning("SHERL: late route falls back to a trainable transformer block at width %d: %s", d, reason)
-        self.late_in = SideBlock(d, auto_heads(d))
-        self.late_out = nn.Linear(d, self.out_width)
+        route = self._route[0] if self._route else None
+        self.reads_layers = route.read if route else len(self.specs) - 1
+        self.h_spec = route.h_spec if route else self.specs[self.reads_layers - 1]
+        self.has_pre = route is not None and route.pre is not None
+        input_spec = reads_embeddings(backbone, self.specs) if self.tokens_form else None
+        self.reads_input = input_spec is not None
+        self.source_specs = ([input_spec] if input_spec else []) + self.specs[: self.reads_layers]
+        projected = self.source_specs + ([self.h_spec] if self.has_pre else [])
+        width_h = self.h_spec.width
+        if self.tokens_form:
+            self.hor = nn.ModuleList(nn.Sequential(nn.Linear(s.width, d), nn.LayerNorm(d)) for s in projected)
+            self.fc_out = nn.Sequential(nn.ReLU(), nn.Linear(d, width_h), nn.LayerNorm(width_h, eps=1e-12),
+                                        nn.Dropout(0.1))
+        else:
+            self.hor = nn.ModuleList(_PoolProject(s.width, d) for s in projected)
+            self.fc_out = nn.Sequential(nn.Linear(d, width_h), TokenBatchNorm(width_h), nn.ReLU())
+        self.guide = nn.Linear(d, 1)
+        self.alpha = nn.Parameter(torch.zeros(1))
+        deepest = self.specs[-1].width
+        self.out_width = cfg.output_width(self.specs)
+        self.out = nn.Identity() if self.out_width == deepest else nn.Linear(deepest, self.out_width)
+        self.fallback: nn.Module | None = None
+        self.fallback_out: nn.Module | None = None
+        if route is None:
+            log.warning("SHERL: late route falls back to a trainable transformer block at width %d: %s",
+                        width_h, reason)
+            self.fallback = SideBlock(width_h, auto_heads(width_h))
+            self.fallback_out = nn.Linear(width_h, deepest)
+        else:
+            log.info("SHERL: late route through the backbone's last %d frozen block(s)/unit(s)", k)
+        self.layer_widths = [d] * self.reads_layers + [s.width for s in self.specs[self.reads_layers:]]
 
     @property
     def uses_backbone_blocks(self) -> bool:
-        """True when the late route re-runs frozen backbone blocks (False: trainable fallback)."""
-        return bool(self._runner)
+        """True when the late route re-runs frozen backbone modules (False: trainable fallback)."""
+        return bool(self._route)
 
-    def gate(self) -> Tensor | None:
-        """tanh(alpha / T): 0 at initialisation (closed)."""
-        return None if self.alpha is None else torch.tanh(self.alpha / self.cfg.gate_temperature)
+    @property
+    def rerun_modules(self) -> int:
+        """How many frozen backbone modules (blocks / units, + modules between) the side re-runs."""
+        if not self._route:
+            return 0
+        route = self._route[0]
+        return len(route.late.blocks) + (len(route.pre.blocks) if route.pre is not None else 0)
 
-    def fuse(self, targets: list[Tensor]) -> Tensor:
-        """Redundancy-aware fusion of the shallower layers into the deepest one (same layout)."""
-        guide = targets[-1]
-        if len(targets) == 1:
+    def gate(self) -> Tensor:
+        """tanh(alpha / T): 0 at initialisation, so h is not added and x = fc_out(fused)."""
+        return torch.tanh(self.alpha / self.cfg.gate_temperature)
+
+    def fuse(self, guide: Tensor, shallow: list[Tensor]) -> Tensor:
+        """Redundancy-aware fusion of the shallower sources into the guide (all in h's layout)."""
+        if not shallow:
             return guide
-        shallow = torch.stack(targets[:-1], dim=2)  # B x N x (L-1) x d
-        unit = F.normalize(shallow, dim=-1)
+        stack = torch.stack(shallow, dim=2)  # B x N x S x d
+        unit = F.normalize(stack, dim=-1)
         redundancy = torch.relu(unit @ unit.transpose(-1, -2)).sum(-1, keepdim=True)
-        score = torch.relu(self.guide(shallow * guide.unsqueeze(2))) / redundancy.clamp_min(1e-6)
-        weights = score / score.sum(dim=2, keepdim=True).clamp_min(1e-6)
-        return guide + (weights * shallow).sum(dim=2)
+        score = torch.relu(self.guide(stack * guide.unsqueeze(2))) / redundancy.clamp_min(1e-6)
+        return guide + (l1norm(score, dim=2) * stack).sum(dim=2)
 
-    def forward(self, feats: list[Tensor], mask: Tensor | None = None) -> SideOutput:
-        if len(feats) != len(self.specs):
-            raise ValueError(f"SHERL expects {len(self.specs)} layers, got {len(feats)}")
-        side = [proj(b) for proj, b in zip(self.proj, feats)]
-        last, n_last = self.specs[-1], feats[-1].shape[1]
-        targets = [resample_tokens(to_d(s), spec, last, n_last) for to_d, s, spec in zip(self.to_d, side, self.specs)]
-        fused = self.fuse(targets)
-        tokens = self.early_out(fused)
-        gate = self.gate()
-        if gate is not None:
-            tokens = tokens + gate * self.late(fused, feats, mask)
-        return SideOutput(layers=side, tokens=tokens)
+    def _project(self, i: int, x: Tensor, spec: LayerSpec, n_h: int) -> Tensor:
+        if self.tokens_form:
+            return self.hor[i](x)
+        return self.hor[i](x, spec, self.h_spec, n_h)
 
-    def late(self, fused: Tensor, feats: list[Tensor], mask: Tensor | None) -> Tensor:
-        """The late route on the fused feature (anchor layout), before the gate."""
-        assert self.late_in is not None and self.late_out is not None
-        if not self._runner:
-            return self.late_out(self.late_in(fused, mask_for(mask, fused.shape[1])))
-        k = self.cfg.late_blocks
-        x = resample_tokens(self.late_in(fused), self.specs[-1], self.specs[-k - 1], feats[-k - 1].shape[1])
-        return self.late_out(self._runner[0](x, mask))
+    def forward(self, feats: list[Tensor], mask: Tensor | None = None, embeddings: Tensor | None = None) -> SideOutput:
+        self._check_inputs(feats, embeddings)
+        read = list(feats[: self.reads_layers])
+        sources = ([embeddings] if self.reads_input else []) + read
+        route = self._route[0] if self._route else None
+        if route is not None and route.pre is not None:
+            with torch.no_grad():  # frozen units on detached features: nothing to backpropagate
+                h = route.pre(read[-1], mask)
+        else:
+            h = read[-1]
+        n_h = h.shape[1]
+        projected = [self._project(i, x, s, n_h) for i, (x, s) in enumerate(zip(sources, self.source_specs))]
+        if self.has_pre:
+            guide, shallow = self._project(len(sources), h, self.h_spec, n_h), projected
+        else:
+            guide, shallow = projected[-1], projected[:-1]
+        x = self.fc_out(self.fuse(guide, shallow)) + self.gate() * h
+        late = self._late(x, mask, feats)
+        offset = len(sources) - len(read)
+        layers = [p if self.tokens_form else resample_tokens(p, self.h_spec, s, b.shape[1])
+                  for p, s, b in zip(projected[offset:], self.specs, read)]
+        return SideOutput(layers=layers + late, tokens=self.out(late[-1]))
+
+    def _late(self, x: Tensor, mask: Tensor | None, feats: list[Tensor]) -> list[Tensor]:
+        """The outputs of the layers above h: re-run frozen modules (or the trainable fallback)."""
+        if self._route:
+            return self._route[0].late.run(x, mask)
+        assert self.fallback is not None and self.fallback_out is not None
+        y = self.fallback(x, mask_for(mask, x.shape[1]))
+        last = self.specs[-1]
+        if len(feats) == len(self.specs):  # b_L's token count at this input size (MDPD passes every layer)
+            n_last = feats[-1].shape[1]
+        else:
+            n_last = last.prefix + last.grid[0] * last.grid[1] if last.grid else y.shape[1]
+        return [self.fallback_out(resample_tokens(y, self.h_spec, last, n_last))]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mdpd_vl.distill.config import DistillConfig
+from mdpd_vl.distill.dualpath import BACKBONE_MODES
 from mdpd_vl.errors import UserError
 
 
@@ -15,7 +16,14 @@ class MethodConfig:
 
     name: str = field(
         default="mdpd",
-        metadata={"help": "linear | full | partial | bitfit | lora | adapter | unipt | sherl | lst | mdpd"},
+        metadata={"help": "linear | full | partial | bitfit | lora | adalora | ia3 | adapter | unipt | sherl | "
+                  "lst | mdpd (tuning/README.md)"},
+    )
+    backbone_mode: str = field(
+        default="eval",
+        metadata={"help": "mode of every method's frozen backbone parts: eval (dropout off, BatchNorm frozen) or "
+                  "bn_eval (dropout as in training, BatchNorm frozen: the official VSE-infinity / LST recipes); "
+                  "full fine-tuning always trains in train mode"},
     )
     side_network: str = field(
         default="unipt", metadata={"help": "side network of mdpd: unipt | sherl | lst"}
@@ -33,6 +41,11 @@ class MethodConfig:
     adapter_dim: int = field(
         default=64, metadata={"help": "Houlsby adapter bottleneck width (capped at the site width)"}
     )
+    peft: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "extra keyword arguments of the peft config of adalora / ia3 (e.g. adalora: total_step "
+                  "(required: optimiser steps of the run), init_r, target_r, tinit, tfinal, deltaT, orth_reg_weight)"},
+    )
     distill: DistillConfig = field(
         default_factory=DistillConfig, metadata={"help": "dual-path distillation settings (mdpd only)"}
     )
@@ -49,6 +62,11 @@ class MethodConfig:
             raise UserError(f"must be a positive integer or null, got {self.d!r}", field="d")
         if not self.lora_alpha > 0:
             raise UserError(f"must be > 0, got {self.lora_alpha!r}", field="lora_alpha")
+        if self.backbone_mode not in BACKBONE_MODES:
+            raise UserError(f"unknown mode {self.backbone_mode!r}; valid: {', '.join(BACKBONE_MODES)}",
+                            field="backbone_mode")
+        if not isinstance(self.peft, dict):
+            raise UserError(f"must be a mapping of peft config keys, got {self.peft!r}", field="peft")
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
 

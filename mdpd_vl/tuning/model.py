@@ -1,13 +1,17 @@
 """TunedModel: one interface over every tuning method (training forward, deployment, groups, counts).
 
-Three shapes cover all methods:
-- `HeadTuned`: backbone + head on b_L (linear, full, partial, bitfit, lora, adapter); the
-  backbone runs without grad when nothing in it trains (linear).
+Four shapes cover all methods:
+- `HeadTuned`: backbone + head on b_L (linear, full, partial, bitfit, adapter); the backbone runs
+  without grad when nothing in it trains (linear).
+- `PeftTuned`: a HeadTuned whose peft deltas (LoRA, AdaLoRA, IA3) are merged into a copy of the
+  weights for deployment, as a user deploys them (`merge_and_unload`).
 - `SideTuned`: frozen backbone (no grad) + side network + side head, kept at inference.
 - `MdpdTuned`: the DualPath; deployed = `fade()`.
-Frozen backbone modes (`backbone_mode`): 'eval' runs the whole backbone in eval mode (frozen, so
-deterministic teacher features), 'bn_eval' keeps only BatchNorm in eval (running statistics stay
-frozen while dropout behaves as in training), 'train' leaves it alone (full fine-tuning).
+Frozen backbone mode (`backbone_mode`, from `MethodConfig.backbone_mode`, ONE setting for every
+method's frozen parts): 'eval' (default) runs the backbone in eval mode (dropout off, BatchNorm
+statistics frozen, deterministic features), 'bn_eval' keeps only BatchNorm in eval (dropout as in
+training: the official VSE-infinity / LST recipes); full fine-tuning uses 'train' (nothing is frozen).
+`backbone_mode` and `deployment` are recorded on every tuned model so tables can say which.
 """
 
 from __future__ import annotations
@@ -19,26 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone
-from mdpd_vl.distill.dualpath import DualPath, SideKeptModel
+from mdpd_vl.distill.dualpath import DualPath, SideKeptModel, set_frozen_mode
 from mdpd_vl.export import FadedModel
 from mdpd_vl.tuning.counts import count_params, unique_params
 
 TaskLoss = Callable[[Tensor], Tensor]
-BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """Put every BatchNorm under `module` in eval mode so its running statistics never change."""
-    for m in module.modules():
-        if isinstance(m, BN_TYPES):
-            m.eval()
 
 
 class TunedModel(nn.Module):
-    """Base class: subclasses implement `backbone`, `train_forward`, `deployed` and `param_groups`."""
+    """Base class: subclasses implement `backbone`, `train_forward`, `deployed` and `param_groups`.
+
+    `deployment` says in words what `deployed()` serves (merged, unmerged, side kept, faded)."""
 
     method: str
     backbone_mode: str = "eval"
+    deployment: str = "backbone + head as trained"
 
     @property
     def backbone(self) -> Backbone:
@@ -83,10 +82,7 @@ class TunedModel(nn.Module):
 
     def train(self, mode: bool = True) -> TunedModel:
         super().train(mode)
-        if self.backbone_mode == "eval":
-            self.backbone.eval()
-        elif self.backbone_mode == "bn_eval":
-            freeze_batchnorm(self.backbone)
+        set_frozen_mode(self.backbone, self.backbone_mode, mode)
         return self
 
     def _freeze_all_but_groups(self) -> None:
@@ -107,9 +103,12 @@ class HeadTuned(TunedModel):
         head: nn.Module,
         backbone_groups: dict[str, list[nn.Parameter]],
         backbone_mode: str,
+        deployment: str | None = None,
     ):
         super().__init__()
         self.method, self.backbone_mode = method, backbone_mode
+        if deployment is not None:
+            self.deployment = deployment
         self.model = FadedModel(backbone, head)
         self._backbone_groups = {k: unique_params(v) for k, v in backbone_groups.items()}
         self._backbone_grad = any(self._backbone_groups.values())
@@ -133,12 +132,70 @@ class HeadTuned(TunedModel):
         return self.model
 
 
+class PeftTuned(HeadTuned):
+    """A peft method whose deltas merge into the weights: deployed merged, like a user deploys it.
+
+    `deployed()` merges into a COPY (`Backbone.clone()`; peft `merge()` then every tuner layer replaced
+    by its base layer), so training goes on unaffected; the copy has the bare backbone's parameters.
+    """
+
+    deployment = "merged: the peft deltas are folded into the weights (the bare architecture)"
+
+    def __init__(self, method: str, backbone: Backbone, head: nn.Module, params: list[nn.Parameter],
+                 backbone_mode: str, extra_losses: Callable[[], dict[str, Tensor]] | None = None):
+        super().__init__(method, backbone, head, {method: params}, backbone_mode)
+        self._extra_losses = extra_losses
+
+    def train_forward(self, x: Any, task_loss: TaskLoss | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        y, losses = super().train_forward(x, task_loss)
+        if self._extra_losses is not None and self.training and torch.is_grad_enabled():
+            losses.update(self._extra_losses())
+        return y, losses
+
+    def deployed(self) -> nn.Module:
+        return merged_copy(self.model)
+
+    @property
+    def inference_params(self) -> int:
+        """The merged model's count (no copy needed): every parameter but what the tuner layers add."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        added: set[int] = set()
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                base = {id(p) for p in m.get_base_layer().parameters()}
+                added.update(id(p) for p in m.parameters() if id(p) not in base)
+        return count_params(p for p in self.model.parameters() if id(p) not in added)
+
+
+@torch.no_grad()
+def merged_copy(model: FadedModel) -> FadedModel:
+    """A FadedModel over a copy of `model`'s backbone with every peft tuner layer merged and unloaded."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    backbone = model.backbone.clone()
+    for module in backbone.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, attr = name.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, attr, module.get_base_layer())
+    merged = FadedModel(backbone, copy.deepcopy(model.head))
+    merged.train(model.training)
+    return merged
+
+
 class SideTuned(TunedModel):
     """Side-kept METL baselines: the side network and its head train and stay at inference."""
 
-    def __init__(self, method: str, backbone: Backbone, side: nn.Module, head: nn.Module):
+    deployment = "side network kept: backbone + side network + side head"
+
+    def __init__(self, method: str, backbone: Backbone, side: nn.Module, head: nn.Module, backbone_mode: str = "eval"):
         super().__init__()
-        self.method = method
+        self.method, self.backbone_mode = method, backbone_mode
         self.model = SideKeptModel(backbone, side, head)  # type: ignore[arg-type]
         self._freeze_all_but_groups()
         self.train(self.training)
@@ -163,9 +220,13 @@ class SideTuned(TunedModel):
 class MdpdTuned(TunedModel):
     """MDPD: trains through the DualPath, deploys the faded backbone + W_B."""
 
-    def __init__(self, dualpath: DualPath):
+    deployment = "faded: backbone + W_B only (the bare architecture)"
+
+    def __init__(self, dualpath: DualPath, backbone_mode: str = "eval"):
         super().__init__()
         self.method, self.core = "mdpd", dualpath
+        self.backbone_mode = backbone_mode
+        dualpath.set_backbone_mode(backbone_mode)
 
     @property
     def backbone(self) -> Backbone:
