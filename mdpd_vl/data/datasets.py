@@ -94,6 +94,9 @@ class _Unreadable(OSError):
         super().__init__(message)
         self.filename = filename
 
+    def __str__(self) -> str:  # OSError would print "[Errno None] None: <filename>" and lose the reason
+        return str(self.args[0]) if self.args else ""
+
 
 class IndexDataset(Dataset):
     """Base: index handling, media paths, and the skip-and-count policy for unreadable media."""
