@@ -209,3 +209,19 @@ def test_the_engine_trains_it_from_video_files_in_workers(tmp_path):
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert seen["skipped"] == 0 and seen["decode"] > 0
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 6  # the workers filled the frame cache
+
+
+def test_the_deployed_pieces_export_and_rebuild_from_their_specs(batch, tmp_path):
+    from mdpd_vl.export import build_head, export_faded, load_exported
+    from mdpd_vl.heads.clip4clip import VideoEncoder
+
+    model = build("mdpd_head", sim="seqTransf").eval()
+    video_enc, text_enc = model.deployed()
+    export_faded(video_enc.frame_encoder, tmp_path / "video")
+    export_faded(text_enc, tmp_path / "text")
+    sim = build_head(model.sim.spec())
+    sim.load_state_dict(model.sim.state_dict())
+    again = VideoEncoder(load_exported(tmp_path / "video"), sim.eval())
+    with torch.no_grad():
+        assert torch.allclose(again(batch), video_enc(batch), atol=1e-6)
+        assert torch.allclose(load_exported(tmp_path / "text")(batch["text"]), text_enc(batch["text"]), atol=1e-6)
