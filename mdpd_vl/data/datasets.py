@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -112,6 +113,9 @@ class _Unreadable(OSError):
     def __init__(self, message: str, filename: str):
         super().__init__(message)
         self.filename = filename
+
+    def __str__(self) -> str:  # OSError would print "[Errno None] None: <filename>" and lose the reason
+        return str(self.args[0]) if self.args else ""
 
 
 class IndexDataset(Dataset):
@@ -286,16 +290,32 @@ class ImageTextEval(_RetrievalEval):
 
 class VideoTextDataset(IndexDataset):
     """Training pairs of a `video_text` index: `video` (`T x 3 x H x W`, T <= max_frames),
-    `frame_mask` (T bools), `caption`, `video_index`, `caption_index`. `per` as in ImageTextPairs.
-    Short videos follow `sampling.short` (see `mdpd_vl.data.video`) and are counted in `short_videos`."""
+    `frame_mask` (T bools), `caption`, `video_index`, `caption_index`, `short` (bool), and the wall
+    times `decode_seconds` (file or frame cache -> uint8 frames) and `preprocess_seconds` (frames ->
+    tensors), which the collate function stacks so a recipe can put decoding against model time.
+
+    `per="caption"`: one sample per (video, caption), CLIP4Clip's MSVD training and MSR-VTT's
+    `--expand_msrvtt_sentences`; `per="video"`: one sample per video with one of its captions drawn
+    at random each time (MSR-VTT without expansion: `random.randint` in `_get_single_text`). The
+    draw uses numpy's global RNG, which the engine seeds per (seed, epoch, item) in DataLoader workers
+    and saves / restores with a checkpoint in the main process.
+
+    Bad videos (no decoder can read them, no frames, or short under `short="skip"`) are skipped and
+    counted (`skipped`, see IndexDataset); short videos that are kept follow `sampling.short` and
+    are counted in `short_videos` (in this process; batches carry `short_videos` across workers).
+    `cache` (an ArrayCache, or a folder for one) is the frame cache: sampled uint8 frames written
+    once, so later epochs decode nothing."""
 
     kinds = ("video_text",)
 
     def __init__(self, index, transform: Callable, sampling: FrameSampling | None = None, *,
-                 per: str = "caption", backend: str = "auto", cache: ArrayCache | None = None, **kw: Any):
+                 per: str = "caption", backend: str = "auto", cache: ArrayCache | str | Path | None = None,
+                 **kw: Any):
         super().__init__(index, **kw)
         if per not in ("caption", "video"):
             raise ValueError("per must be 'caption' or 'video'")
+        if isinstance(cache, (str, Path)):
+            cache = ArrayCache(cache, namespace="frames")
         self.transform, self.per, self.backend, self.cache = transform, per, backend, cache
         self.sampling = sampling or FrameSampling()
         self.pairs = [(i, k) for i, it in enumerate(self.items) for k in range(len(it["captions"]))]
@@ -313,28 +333,38 @@ class VideoTextDataset(IndexDataset):
         path = self.media(self.items[i]["video"])
         try:
             clip = read_clip(path, self.sampling, backend=self.backend, cache=self.cache)
-        except UNREADABLE as err:
+        except UNREADABLE as err:  # ShortVideo is a ValueError: skipped like a broken file
             raise _Unreadable(str(err), str(path)) from None
         self.short_videos += clip.short
+        t0 = time.perf_counter()
         video = frames_to_tensor(clip.frames, self.transform)
-        return {"video": video, "frame_mask": torch.ones(len(video), dtype=torch.bool), "short": clip.short}
+        return {"video": video, "frame_mask": torch.ones(len(video), dtype=torch.bool), "short": clip.short,
+                "decode_seconds": float(clip.decode_seconds), "preprocess_seconds": time.perf_counter() - t0}
 
     def load(self, j: int) -> dict[str, Any]:
         if self.per == "caption":
             i, k = self.pairs[j]
         else:
-            i, k = j, int(self.rng(j).integers(len(self.items[j]["captions"])))
+            i, k = j, int(np.random.randint(len(self.items[j]["captions"])))
         return {**self.visual(i), "caption": self.items[i]["captions"][k], "video_index": i, "caption_index": k}
 
 
 class VideoTextEval(_RetrievalEval):
-    """An eval split: `videos` (every video once), `captions`, `caption_to_video`, `video_to_captions`."""
+    """An eval split: `videos` (every video once), `captions`, `caption_to_video`, `video_to_captions`.
+    Every test video must decode (strict): dropping one would change the metric. MSVD keeps all its
+    sentences per video (CLIP4Clip's multi-sentence evaluation, `eval.video_retrieval`); the
+    MSR-VTT JSFUSION 1k-A test has one sentence per video."""
 
     def __init__(self, index, transform: Callable, sampling: FrameSampling | None = None, **kw: Any):
         self.pairs = VideoTextDataset(index, transform, sampling, strict=True, **kw)
         super().__init__(self.pairs.items)
         self.videos = _MediaOnly(self.pairs, self.pairs.visual)
         self.caption_to_video, self.video_to_captions = self.caption_to_item, self.item_to_captions
+
+    @property
+    def multi_sentence(self) -> bool:
+        """True when some video has more than one sentence (CLIP4Clip's `multi_sentence_per_video`)."""
+        return any(len(c) > 1 for c in self.video_to_captions)
 
 
 def build_answer_vocab(indexes: Sequence[Mapping[str, Any]], min_count: int = 1) -> dict[str, int]:

@@ -8,15 +8,26 @@ Two ways to choose frames, both CLIP4Clip's:
   more than `max_frames`, a uniform `np.linspace` slice of them (`slice_framepos` 0/1 take the head
   or the tail instead).
 
+`CLIP4CLIP` is the sampling of CLIP4Clip's published commands (`--feature_framerate 1
+--max_frames 12 --slice_framepos 2`): one frame per second, then a linspace slice down to 12.
+
 A video with fewer candidate frames than `max_frames` is **short**. Policy `short="mask"` (the
 default, CLIP4Clip's): return the frames there are; the collate function pads the time axis with
 zeros and marks the padding False in `frame_mask`. Policy `short="repeat"`: repeat frames evenly
 (`linspace` with repeats) up to `max_frames`, all valid. Either way `Clip.short` is True and the
-datasets count it.
+datasets count it. Policy `short="skip"`: a short video raises `ShortVideo`, which the training
+datasets skip and count like an unreadable file.
+
+Frame cache (`cache=ArrayCache(...)`): the sampled uint8 frames of a video are written once (one
+`.npz` per video and sampling, atomically, see `data/cache.py`), so later epochs decode nothing. A
+file no backend can decode is remembered in the cache as well (its error message), so it is not
+decoded again either; the entry is keyed by the file's size and mtime, so a repaired file is read
+afresh. `Clip.decode_seconds` is the wall time spent reading (decoding, or loading from the cache).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +38,11 @@ import numpy as np
 from mdpd_vl.data.cache import ArrayCache
 
 BACKENDS = ("auto", "decord", "av")
+SHORT_POLICIES = ("mask", "repeat", "skip")
+
+
+class ShortVideo(ValueError):
+    """A video with fewer candidate frames than `max_frames` under `short="skip"`."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,7 @@ class FrameSampling:
     max_frames: int = 12
     fps: int | None = None  # None: uniform over all frames; k: CLIP4Clip's k-per-second extraction
     slice_framepos: int = 2  # when too many frames: 0 head, 1 tail, 2 uniform
-    short: str = "mask"  # mask | repeat
+    short: str = "mask"  # mask | repeat | skip
     size: int | None = None  # resize the shorter side to this when decoding (smaller cache entries)
 
     def __post_init__(self) -> None:
@@ -46,8 +62,8 @@ class FrameSampling:
             raise ValueError("fps must be a whole number >= 1 (CLIP4Clip's sample_fp), or None for uniform")
         if self.slice_framepos not in (0, 1, 2):
             raise ValueError("slice_framepos must be 0 (head), 1 (tail) or 2 (uniform)")
-        if self.short not in ("mask", "repeat"):
-            raise ValueError("short must be 'mask' or 'repeat'")
+        if self.short not in SHORT_POLICIES:
+            raise ValueError(f"short must be one of {', '.join(SHORT_POLICIES)}")
 
 
 @dataclass
@@ -59,7 +75,14 @@ class Clip:
     num_frames: int  # frames in the file
     fps: float
     short: bool  # fewer candidate frames than max_frames
-    backend: str
+    backend: str  # decord | av | cache
+    decode_seconds: float = 0.0  # wall time of reading the frames (decode or cache load)
+
+
+def clip4clip_sampling(max_frames: int = 12, **kw: object) -> FrameSampling:
+    """CLIP4Clip's frames: 1 per second (`feature_framerate 1`), linspace down to `max_frames`
+    (`slice_framepos 2`), short videos masked."""
+    return FrameSampling(max_frames=max_frames, fps=1, slice_framepos=2, **kw)  # type: ignore[arg-type]
 
 
 def uniform_indices(num_frames: int, max_frames: int) -> np.ndarray:
@@ -93,6 +116,8 @@ def select_indices(num_frames: int, native_fps: float, sampling: FrameSampling) 
     m = sampling.max_frames
     short = len(cand) < m
     if short:
+        if sampling.short == "skip":
+            raise ShortVideo(f"{len(cand)} candidate frames, fewer than max_frames={m}")
         if sampling.short == "repeat":
             return cand[np.linspace(0, len(cand) - 1, num=m).round().astype(int)], True
         return cand, True
@@ -170,18 +195,23 @@ _warned: set[str] = set()
 def read_clip(path: str | Path, sampling: FrameSampling, *, backend: str = "auto",
               cache: ArrayCache | None = None) -> Clip:
     """Decode the frames `sampling` picks from `path` (decord, falling back to PyAV); `cache` keeps
-    the result keyed by file, mtime and sampling. Raises on a file neither backend can read."""
+    the result keyed by file, mtime and sampling. Raises OSError on a file neither backend can read
+    (also when the cache remembers that), `ShortVideo` for a short video under `short="skip"`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
+    t0 = time.perf_counter()
     path = str(path)
     params = asdict(sampling)
+    cache = cache if cache is not None and cache.enabled and Path(path).is_file() else None
     if cache is not None:
         hit = cache.get(path, params)
+        if hit is not None and "error" in hit:
+            raise OSError(f"cannot read video {path} (remembered by the frame cache): {hit['error'].item()}")
         if hit is not None:
             return Clip(hit["frames"], hit["indices"], int(hit["meta"][0]), float(hit["meta"][1]),
-                        bool(hit["meta"][2]), "cache")
+                        bool(hit["meta"][2]), "cache", time.perf_counter() - t0)
     errors: list[str] = []
-    decord_failed = False
+    decord_failed = decoded_nothing = False
     for name, reader in (("decord", _read_decord), ("av", _read_av)):
         if backend not in ("auto", name):
             continue
@@ -190,16 +220,25 @@ def read_clip(path: str | Path, sampling: FrameSampling, *, backend: str = "auto
         except ImportError as err:  # an optional extra: falling back is expected, no warning
             errors.append(f"{name}: not installed ({err})")
             continue
+        except ShortVideo:
+            raise  # a property of the file, not of the decoder: the other backend would agree
         except Exception as err:  # decoders raise many types; the next backend gets a chance
             errors.append(f"{name}: {type(err).__name__}: {err}")
             decord_failed |= name == "decord"
+            decoded_nothing = True
             continue
         if decord_failed and "decord" not in _warned:
             _warned.add("decord")  # once per process: a whole dataset may trip the same decord bug
             warnings.warn(f"decord could not read {path} ({errors[-1]}); using PyAV", stacklevel=2)
         clip = Clip(_resize(frames, sampling.size), idx, n, fps, short, name)
+        if len(clip.frames) == 0:  # never hand out an empty clip (the datasets would pad it to zeros)
+            raise OSError(f"cannot read video {path}: no frames decoded")
         if cache is not None:
             meta = np.array([clip.num_frames, clip.fps, float(clip.short)])
             cache.put(path, params, {"frames": clip.frames, "indices": clip.indices, "meta": meta})
+        clip.decode_seconds = time.perf_counter() - t0
         return clip
-    raise OSError(f"cannot read video {path}: " + "; ".join(errors))
+    message = "; ".join(errors)
+    if cache is not None and decoded_nothing:  # a real decode failure, not a missing decoder
+        cache.put(path, params, {"error": np.array(message)})
+    raise OSError(f"cannot read video {path}: {message}")

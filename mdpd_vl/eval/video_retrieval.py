@@ -78,3 +78,39 @@ def evaluate_vtr(sims: Any, text_to_video: Sequence[int] | np.ndarray | None = N
     out = {f"t2v_{k}": v for k, v in t2v.items()} | {f"v2t_{k}": v for k, v in v2t.items()}
     out["rsum"] = t2v["r1"] + t2v["r5"] + t2v["r10"] + v2t["r1"] + v2t["r5"] + v2t["r10"]
     return {k: out[k] for k in VTR_KEYS}
+
+
+def encode_and_evaluate(video_encoder: Any, text_encoder: Any, eval_set: Any, tokenize: Any, *,
+                        batch_size: int = 16, num_workers: int = 0, device: Any = "cpu",
+                        multi_sentence: bool | None = None) -> tuple[dict[str, float], Any]:
+    """Encode every video and sentence of a `data.datasets.VideoTextEval` and score them.
+
+    `video_encoder(video, frame_mask) -> B x E` and `text_encoder(tokens) -> B x E` (e.g. the pair
+    `VideoTextRetrieval.deployed()` returns); `tokenize(list[str]) -> {input_ids, attention_mask}`.
+    Each video is encoded once and each sentence once (CLIP4Clip's multi-sentence `eval_epoch`
+    encodes a video only at its cut-off point, which is the same). Returns (metrics, the
+    `texts x videos` cosine similarity matrix as a float numpy array)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from mdpd_vl.data.collate import Collator
+
+    modes = [m.training for m in (video_encoder, text_encoder)]
+    video_encoder.eval()
+    text_encoder.eval()
+    videos, texts = [], []
+    loader = DataLoader(eval_set.videos, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=Collator(None, None))
+    with torch.no_grad():
+        for batch in loader:
+            v = video_encoder(batch["video"].to(device), batch["frame_mask"].to(device))
+            videos.append(F.normalize(v.float(), dim=-1).cpu())
+        caps = eval_set.captions
+        for i in range(0, len(caps), batch_size):
+            tokens = {k: v.to(device) for k, v in tokenize(caps[i:i + batch_size]).items()}
+            texts.append(F.normalize(text_encoder(tokens).float(), dim=-1).cpu())
+    for module, mode in zip((video_encoder, text_encoder), modes, strict=True):
+        module.train(mode)
+    sims = (torch.cat(texts) @ torch.cat(videos).t()).numpy()
+    return evaluate_vtr(sims, eval_set.caption_to_video, multi_sentence), sims
