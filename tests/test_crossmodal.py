@@ -315,3 +315,21 @@ def test_bad_prediction_files_are_one_line_and_exit_2(world: Path, tmp_path: Pat
     if problem == "duplicate":
         with pytest.raises(UserError, match="appears twice"):
             reader(path)
+
+
+def test_norms_and_checkpointing_are_the_encoders() -> None:
+    bb = tiny_crossmodal("cnn")
+    norms = bb.norm_parameters()
+    encoder_norms = [p for layer in bb.blocks for m in layer.modules() if isinstance(m, nn.LayerNorm)
+                     for p in m.parameters()]
+    assert [id(p) for _, p in norms] == [id(p) for p in encoder_norms] and len(norms) == 2 * 2 * bb.num_layers
+    assert not any(n.startswith(("image.", "connector.")) for n, _ in norms)
+    bb.eval()
+    x = bb.example_input(2)
+    bb.connector.requires_grad_(True)
+    plain = bb.features(x)[-1]
+    (g_plain,) = torch.autograd.grad(plain.sum(), [bb.connector.proj.weight])
+    bb.set_checkpointing(True)
+    ckpt = bb.features(x)[-1]
+    (g_ckpt,) = torch.autograd.grad(ckpt.sum(), [bb.connector.proj.weight])
+    assert torch.allclose(plain, ckpt) and torch.allclose(g_plain, g_ckpt, atol=1e-6)

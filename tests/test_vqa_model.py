@@ -213,3 +213,18 @@ def test_answer_returns_vocabulary_strings(world: Path, tokenizer: Any) -> None:
         assert all(a in model.answers for a in got)
     with pytest.raises(ValueError, match="2 images but 3 questions"):
         model.answerer().answer(images[:2], questions)
+
+
+@pytest.mark.parametrize("key", ["mdpd", "partial"])
+def test_deployed_model_exports_and_reloads_with_identical_answers(world: Path, tokenizer: Any, key: str,
+                                                                   tmp_path: Path) -> None:
+    from mdpd_vl.export import export_faded, load_exported
+
+    model, batch = build(world, tokenizer, key, "vqa")
+    deployed = model.deployed().eval()
+    export_faded(deployed, tmp_path / "export")
+    reloaded = load_exported(tmp_path / "export")
+    x = batch_inputs(batch)
+    with torch.no_grad():  # (LoRA exports once merged: the task kit's job)
+        assert torch.equal(reloaded(x), deployed(x))
+    assert not any(isinstance(m, SideNetwork) for m in reloaded.modules())

@@ -20,8 +20,9 @@ checkpoint; in the methods it stays frozen, except that its projection trains (`
 where the method already back-propagates into the first encoder block, as CLIP-ViL's adapter and
 LoRA runs train `visn_fc`. Training it in every method instead would put every encoder activation
 in the graph of the methods that exist to avoid it (MDPD `head`; `test_vqa_model.py` measures that
-this graph alone outweighs MDPD's whole head-only step), and it could not work for the side-kept
-baselines at all, whose side networks read detached features.
+this graph alone outweighs MDPD's whole head-only step; activation checkpointing shrinks it at the
+price of a second encoder pass per step), and it could not work for the side-kept baselines at
+all, whose side networks read detached features.
 """
 
 from __future__ import annotations
