@@ -33,9 +33,13 @@ def test_exact_match_balanced_binary_open():
     assert m["per_semantic"] == {"attr": 100.0, "cat": 0.0, "obj": 0.0}
 
 
-def test_unbalanced_questions_need_no_prediction_and_extra_predictions_are_ignored():
-    preds = {"1": "yes", "2": "no", "3": "red", "4": "table", "99": "x"}
+def test_unbalanced_questions_need_no_prediction_and_unknown_ids_are_refused():
+    preds = {"1": "yes", "2": "no", "3": "red", "4": "table"}
     assert gqa_accuracy(preds, QUESTIONS)["accuracy"] == 100.0
+    with pytest.raises(UserError, match="not in the questions file"):
+        gqa_accuracy({**preds, "99": "x"}, QUESTIONS)
+    # the official script ignores them; allow_unknown restores that
+    assert gqa_accuracy({**preds, "99": "x"}, QUESTIONS, allow_unknown=True)["accuracy"] == 100.0
 
 
 def test_empty_group_is_none():

@@ -367,6 +367,12 @@ class VideoTextEval(_RetrievalEval):
         return any(len(c) > 1 for c in self.video_to_captions)
 
 
+VOCAB_DIR = Path(__file__).parent / "vocab"
+# the answer vocabularies CLIP-ViL trains with (clip-vil/CLIP-ViL: CLIP-ViL-Pretrain/data/{vqa,gqa}/
+# trainval_ans2label.json), shipped with the library so that real runs need nothing else
+REAL_VOCABS = {"vqav2": "vqa_trainval_ans2label.json", "gqa": "gqa_trainval_ans2label.json"}
+
+
 def build_answer_vocab(indexes: Sequence[Mapping[str, Any]], min_count: int = 1) -> dict[str, int]:
     """Answer -> label over VQA (`answers` soft scores) or GQA (`answer`) items: answers seen in at
     least `min_count` questions, most frequent first (ties alphabetical)."""
@@ -375,51 +381,140 @@ def build_answer_vocab(indexes: Sequence[Mapping[str, Any]], min_count: int = 1)
         for item in index["items"]:
             answers = item["answers"] if "answers" in item else {item["answer"]: 1.0}
             for a in answers:
-                counts[a] = counts.get(a, 0) + 1
+                if isinstance(a, str):  # GQA test questions have no answer (null)
+                    counts[a] = counts.get(a, 0) + 1
     ranked = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
     return {a: i for i, a in enumerate(ranked)}
 
 
-class VQADataset(IndexDataset):
+def load_answer_vocab(path: str | Path) -> dict[str, int]:
+    """An answer vocabulary file: `{answer: label}` (trainval_ans2label.json) or `[answer, ...]`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("answer vocabulary not found", where=str(path), field="vocab") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"not a readable JSON vocabulary ({err})", where=str(path), field="vocab") from None
+    if isinstance(data, list) and all(isinstance(a, str) for a in data):
+        data = {a: i for i, a in enumerate(data)}
+    if not (isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values())):
+        raise UserError("expected {answer: label} or [answer, ...]", where=str(path), field="vocab")
+    if sorted(data.values()) != list(range(len(data))):
+        raise UserError("labels must be 0..N-1, each once", where=str(path), field="vocab")
+    return dict(data)
+
+
+def real_answer_vocab(dataset: str) -> dict[str, int]:
+    """CLIP-ViL's answer vocabulary of `dataset` ('vqav2': 3,129 answers, 'gqa': 1,842)."""
+    if dataset not in REAL_VOCABS:
+        raise UserError(f"no shipped vocabulary for {dataset!r}; valid: {', '.join(REAL_VOCABS)}", field="vocab")
+    return load_answer_vocab(VOCAB_DIR / REAL_VOCABS[dataset])
+
+
+def label_to_answer(vocab: Mapping[str, int]) -> list[str]:
+    """The answer string of every label (the inverse of an answer vocabulary)."""
+    out = [""] * len(vocab)
+    for answer, label in vocab.items():
+        out[label] = answer
+    return out
+
+
+class _QuestionSet(IndexDataset):
+    """Shared by VQA and GQA: questions whose image file is missing are dropped and counted
+    (`missing_images`); answers outside the vocabulary are counted (`oov_answers`)."""
+
+    def __init__(self, index, transform: Callable | None, answer_to_label: Mapping[str, int] | None,
+                 drop_missing: bool = True, **kw: Any):
+        super().__init__(index, **kw)
+        self.transform, self.vocab = transform, answer_to_label
+        self.missing_images = 0
+        if drop_missing:
+            present: dict[str, bool] = {}
+            kept = []
+            for item in self.items:
+                rel = item["image"]
+                if rel not in present:  # one stat per image, not per question
+                    present[rel] = self.media(rel).is_file()
+                if present[rel]:
+                    kept.append(item)
+            self.missing_images = len(self.items) - len(kept)
+            if self.missing_images:
+                missing = sum(not ok for ok in present.values())
+                warnings.warn(f"{self.index.get('path', 'index')}: {self.missing_images} question(s) skipped, "
+                              f"their {missing} image file(s) are missing", stacklevel=3)
+            if not kept:
+                raise UserError(f"every image is missing under {self.root}", where=self.index.get("path"),
+                                field="media_root")
+            self.items = kept
+
+    def counts(self) -> dict[str, int]:
+        """What was skipped or fell outside the vocabulary (for the run's report)."""
+        return {"questions": len(self.items), "missing_images": self.missing_images,
+                "oov_answers": self.oov_answers, **self._extra_counts()}
+
+    def _extra_counts(self) -> dict[str, int]:
+        return {}
+
+    def _image(self, item: Mapping[str, Any]) -> Any:
+        img = read_image(self.media(item["image"]))
+        return self.transform(img) if self.transform else img
+
+
+class VQADataset(_QuestionSet):
     """`vqa` items: `image`, `question`, `question_id`, `answers` (soft scores) and, with a vocabulary,
-    `target` (a `len(vocab)` float vector of soft scores; answers outside it are dropped)."""
+    `target` (a `len(vocab)` float vector of soft scores). An answer outside the vocabulary is
+    dropped from the target and counted (`oov_answers`); a question left without any is kept with
+    an all-zero target, as in LXMERT, and counted (`unanswerable`): it scores zero when evaluated."""
 
     kinds = ("vqa",)
 
     def __init__(self, index, transform: Callable | None = None, answer_to_label: Mapping[str, int] | None = None,
                  **kw: Any):
-        super().__init__(index, **kw)
-        self.transform, self.vocab = transform, answer_to_label
+        super().__init__(index, transform, answer_to_label, **kw)
+        self.oov_answers = self.unanswerable = 0
+        if self.vocab is not None:
+            for item in self.items:
+                known = [a for a, score in item["answers"].items() if score > 0 and a in self.vocab]
+                self.oov_answers += sum(1 for a, score in item["answers"].items() if score > 0) - len(known)
+                self.unanswerable += bool(item.get("raw_answers")) and not known
+
+    def _extra_counts(self) -> dict[str, int]:
+        return {"unanswerable": self.unanswerable}
 
     def load(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        img = read_image(self.media(item["image"]))
-        out = {"image": self.transform(img) if self.transform else img, "question": item["question"],
-               "question_id": item["question_id"], "answers": dict(item["answers"])}
+        out = {"image": self._image(item), "question": item["question"], "question_id": item["question_id"],
+               "answers": dict(item["answers"])}
         if self.vocab is not None:
-            target = torch.zeros(len(self.vocab))
-            for a, score in item["answers"].items():
-                if a in self.vocab:
-                    target[self.vocab[a]] = float(score)
-            out["target"] = target
+            out["target"] = soft_target(item["answers"], self.vocab)
         return out
 
 
-class GQADataset(IndexDataset):
+def soft_target(answers: Mapping[str, float], vocab: Mapping[str, int]) -> torch.Tensor:
+    """The `len(vocab)` soft-score vector of one question (answers outside `vocab` dropped)."""
+    target = torch.zeros(len(vocab))
+    for a, score in answers.items():
+        if a in vocab:
+            target[vocab[a]] = float(score)
+    return target
+
+
+class GQADataset(_QuestionSet):
     """`gqa` items: `image`, `question`, `question_id`, `answer`, `label` (-1 when outside the
-    vocabulary or none given), `structural`, `is_balanced`."""
+    vocabulary or none given; outside ones are counted in `oov_answers`), `structural`, `is_balanced`."""
 
     kinds = ("gqa",)
 
     def __init__(self, index, transform: Callable | None = None, answer_to_label: Mapping[str, int] | None = None,
                  **kw: Any):
-        super().__init__(index, **kw)
-        self.transform, self.vocab = transform, answer_to_label or {}
+        super().__init__(index, transform, answer_to_label or {}, **kw)
+        self.oov_answers = sum(1 for it in self.items if isinstance(it["answer"], str) and it["answer"]
+                               and it["answer"] not in self.vocab) if answer_to_label else 0
 
     def load(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        img = read_image(self.media(item["image"]))
-        return {"image": self.transform(img) if self.transform else img, "question": item["question"],
+        return {"image": self._image(item), "question": item["question"],
                 "question_id": item["question_id"], "answer": item["answer"],
                 "label": self.vocab.get(item["answer"], -1), "structural": item.get("structural"),
                 "is_balanced": bool(item.get("is_balanced", True))}

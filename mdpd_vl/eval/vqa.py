@@ -195,3 +195,52 @@ def vqa_accuracy(predictions: Mapping[Any, str], annotations: Sequence[Mapping[s
         "per_question_type": {k: pct(v) for k, v in by_qtype.items()},
         "num_questions": len(scores),
     }
+
+
+# -- prediction files: `[{"question_id", "answer"}]`, the evaluation server's results format ----------
+ID_KEY, ANSWER_KEY = "question_id", "answer"
+
+
+def prediction_map(records: Any, id_key: str, value_key: str, where: str = "predictions") -> dict[str, str]:
+    """`{str(id): answer}` from a list of prediction objects; a non-list, an entry without the two
+    fields, a non-string answer or an id given twice is a one-line UserError naming `where`."""
+    if not isinstance(records, list):
+        raise UserError(f"expected a list of {{{id_key}, {value_key}}} objects", where=where)
+    out: dict[str, str] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or id_key not in rec or value_key not in rec:
+            raise UserError(f"entry {i} is not an object with '{id_key}' and '{value_key}'", where=where,
+                            field=id_key)
+        key = str(rec[id_key])
+        if key in out:
+            raise UserError(f"{id_key} {rec[id_key]} appears twice", where=where, field=id_key)
+        if not isinstance(rec[value_key], str):
+            raise UserError(f"the {value_key} for {id_key} {key} is {type(rec[value_key]).__name__}, not a string",
+                            where=where, field=value_key)
+        out[key] = rec[value_key]
+    return out
+
+
+def prediction_records(question_ids: Sequence[Any], answers: Sequence[str]) -> list[dict[str, Any]]:
+    """`[{"question_id", "answer"}]` in the given order; ids must be unique (checked)."""
+    if len(question_ids) != len(answers):
+        raise ValueError(f"{len(question_ids)} question ids but {len(answers)} answers")
+    records = [{ID_KEY: q, ANSWER_KEY: str(a)} for q, a in zip(question_ids, answers)]
+    prediction_map(records, ID_KEY, ANSWER_KEY, "predictions")
+    return records
+
+
+def write_predictions(path: Any, question_ids: Sequence[Any], answers: Sequence[str]) -> None:
+    """Write the results JSON for the VQA evaluation server (atomically, never half-written)."""
+    import json
+
+    from mdpd_vl.engine.config import atomic_write_text
+
+    atomic_write_text(path, json.dumps(prediction_records(question_ids, answers)) + "\n")
+
+
+def read_predictions(path: Any) -> dict[str, str]:
+    """A results JSON `[{question_id, answer}]` as `{str(question_id): answer}` (checked as above)."""
+    from mdpd_vl.eval.report import load_json
+
+    return prediction_map(load_json(path), ID_KEY, ANSWER_KEY, str(path))
