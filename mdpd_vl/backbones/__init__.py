@@ -25,6 +25,7 @@ BACKBONES.register("hf_vision", "mdpd_vl.backbones.hf:HFVision")
 BACKBONES.register("timm", "mdpd_vl.backbones.timm:TimmCNN")
 BACKBONES.register("offline_image", "mdpd_vl.backbones.offline:OfflineImage")
 BACKBONES.register("offline_text", "mdpd_vl.backbones.offline:OfflineText")
+BACKBONES.register("mdetr", "mdpd_vl.backbones.mdetr:MdetrBackbone")
 
 HF_PREFIX = "hf:"  # build_pair("hf:<name or folder>"): both towers of a transformers dual encoder
 
