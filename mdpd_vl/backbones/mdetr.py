@@ -223,8 +223,8 @@ def official_keys(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
 def _official_config(state: dict[str, Tensor], args: Any) -> GroundingConfig:
     """GroundingConfig from the checkpoint's `args` where present, else from the tensor shapes."""
     d = int(state["query_embed.weight"].shape[1])
-    layers = {k.split(".")[2] for k in state if k.startswith("transformer.encoder.layers.")}
-    dec = {k.split(".")[2] for k in state if k.startswith("transformer.decoder.layers.")}
+    layers = {k.split(".")[3] for k in state if k.startswith("transformer.encoder.layers.")}
+    dec = {k.split(".")[3] for k in state if k.startswith("transformer.decoder.layers.")}
     ff = int(state["transformer.encoder.layers.0.linear1.weight"].shape[0]) if layers else 2048
 
     def arg(name: str, default: Any) -> Any:

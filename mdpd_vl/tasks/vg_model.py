@@ -40,7 +40,13 @@ from mdpd_vl.heads.grounding import (
     positive_map,
     top_box,
 )
-from mdpd_vl.heads.grounding_loss import Targets, hungarian_match, matched_distillation, matched_queries, set_losses
+from mdpd_vl.heads.grounding_loss import (
+    Targets,
+    hungarian_match,
+    matched_distillation,
+    matched_queries,
+    set_losses,
+)
 from mdpd_vl.tuning import MdpdTuned, MethodConfig, SideTuned, TunedModel, apply_method, count_params
 
 PLACEMENTS = ("backbones", "transformer")
