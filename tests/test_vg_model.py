@@ -254,6 +254,13 @@ def test_mdetr_backbone_protocol():
     assert build_backbone(json.loads(json.dumps(bb.spec()))).widths == bb.widths
     bb.set_checkpointing(True)
     assert all(torch.equal(a, b) for a, b in zip(feats, bb.features(x)))
+    # probing a new input size keeps every module's mode (frozen BatchNorm inside a training model stays frozen)
+    bb.train()
+    bn = bb.image.model.bn1
+    bn.eval()
+    big = {"images": torch.randn(1, 3, 2 * SIZE, 2 * SIZE), "text": {k: v[:1] for k, v in x["text"].items()}}
+    assert bb.padding_mask(big).shape[1] == 4 * n_img + x["text"]["input_ids"].shape[1]
+    assert not bn.training and bb.image.training
 
 
 def test_memory_length_never_equals_the_query_count():

@@ -88,11 +88,12 @@ class MdetrBackbone(Backbone):
         """Image tokens the CNN makes of `images` (probed once per input size, in eval mode, without grad)."""
         key = tuple(images.shape[-2:])
         if key not in self._image_tokens:
-            was = self.image.training
+            modes = [(m, m.training) for m in self.image.modules()]  # per module: BatchNorm may be frozen alone
             self.image.eval()
             with torch.no_grad():
                 self._image_tokens[key] = self.image.features(images[:1])[-1].shape[1]
-            self.image.train(was)
+            for module, mode in modes:
+                module.training = mode
         return self._image_tokens[key]
 
     def _text(self, text: dict[str, Tensor], n_img: int) -> dict[str, Tensor]:

@@ -91,11 +91,11 @@ class Grounder(nn.Module):
 
     @torch.no_grad()
     def ground(self, images: Tensor, text: dict[str, Tensor], sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-scoring box per expression in pixels (`xyxy`) and its score; `sizes` is `B x 2` (height, width)."""
-        was = self.training
+        """Top-scoring box per expression in pixels (`xyxy`) and its score; `sizes` is `B x 2` (height, width).
+        Leaves the modules in eval mode: they are shared with the training model, whose own `train()` (which
+        keeps frozen backbones in eval mode; the engine calls it after evaluating) must be the one to undo it."""
         self.eval()
         out = self(images, text)
-        self.train(was)
         return top_box(out, sizes.to(out.boxes.device))
 
 
