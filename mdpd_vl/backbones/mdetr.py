@@ -249,7 +249,8 @@ def _read_official(path: Path) -> tuple[dict[str, Tensor], Any]:
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input error
         raise UserError(f"not a readable MDETR checkpoint ({type(err).__name__}: {err})", where=str(path),
                         field="pretrained") from None
-    state = ckpt.get("model_ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    # MDETR evaluates with --ema: its EMA weights when saved, else the raw ones
+    state = (ckpt.get("model_ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or "query_embed.weight" not in state:
         raise UserError("no MDETR state dict (expected checkpoint['model'] with query_embed.weight)",
                         where=str(path), field="model")
