@@ -26,6 +26,7 @@ BACKBONES.register("timm", "mdpd_vl.backbones.timm:TimmCNN")
 BACKBONES.register("offline_image", "mdpd_vl.backbones.offline:OfflineImage")
 BACKBONES.register("offline_text", "mdpd_vl.backbones.offline:OfflineText")
 BACKBONES.register("crossmodal", "mdpd_vl.backbones.crossmodal:CrossModalBackbone")
+BACKBONES.register("mdetr", "mdpd_vl.backbones.mdetr:MdetrBackbone")
 
 HF_PREFIX = "hf:"  # build_pair("hf:<name or folder>"): both towers of a transformers dual encoder
 

@@ -522,14 +522,49 @@ class GQADataset(_QuestionSet):
 
 class GroundingDataset(IndexDataset):
     """`grounding` items: `image`, `sentence`, `box` (the target as normalised cx, cy, w, h in [0, 1]),
-    `bbox_xyxy` (pixels of the original image), `orig_size` (h, w), ids. The transform must not crop
-    (use `transforms.box_transform`), so that the normalised box stays true after resizing."""
+    `bbox_xyxy` (pixels of the original image), `orig_size` (h, w), ids.
+
+    Bad annotations never crash a run; at construction they are counted in `problems` (a warning sums them up):
+    - `clipped`: a box reaching outside the image is clipped to it (kept);
+    - `degenerate`: zero width or height (after clipping): skipped;
+    - `no_annotation`: no box (missing, null, not four finite numbers) or no positive image size: skipped;
+    - `blank_sentence`: no expression text: skipped;
+    - `missing_image`: the image file does not exist (checked once per file): skipped.
+    `transform` is either a plain image transform that must not crop (`transforms.box_transform`), or a
+    `transforms.GroundingTransform`, which receives and returns the box (and the sentence) with the image."""
 
     kinds = ("grounding",)
+    PROBLEMS = ("clipped", "degenerate", "no_annotation", "blank_sentence", "missing_image")
 
-    def __init__(self, index, transform: Callable | None = None, **kw: Any):
+    def __init__(self, index, transform: Callable | None = None, *, check_images: bool = True, **kw: Any):
         super().__init__(index, **kw)
         self.transform = transform
+        self.problems = dict.fromkeys(self.PROBLEMS, 0)
+        self.examples: dict[str, str] = {}
+        kept, exists = [], {}
+        for i, item in enumerate(self.items):
+            problem, box = _grounding_box(item)
+            if problem is None and check_images:
+                rel = item["image"]
+                if rel not in exists:
+                    exists[rel] = isinstance(rel, str) and self.media(rel).is_file()
+                problem = None if exists[rel] else "missing_image"
+            if problem == "clipped":
+                self.problems["clipped"] += 1
+                self.examples.setdefault("clipped", f"item {i}: {item.get('bbox_xyxy')} -> {box}")
+                problem = None
+            if problem is not None:
+                self.problems[problem] += 1
+                self.examples.setdefault(problem, f"item {i} ({item.get('image')}): {item.get('bbox_xyxy')}")
+                continue
+            kept.append({**item, "bbox_xyxy": box})
+        if any(self.problems.values()):
+            warnings.warn(f"{self.index.get('path', 'grounding index')}: " + ", ".join(
+                f"{k} {v} (e.g. {self.examples[k]})" for k, v in self.problems.items() if v), stacklevel=2)
+        if not kept:
+            raise UserError("no usable referring expression (every item was skipped: "
+                            f"{self.problems})", where=str(self.index.get("path", "index")), field="items")
+        self.items = kept
 
     def load(self, i: int) -> dict[str, Any]:
         from torchvision.ops import box_convert
@@ -539,6 +574,30 @@ class GroundingDataset(IndexDataset):
         w, h = float(item["width"]), float(item["height"])
         xyxy = torch.tensor(item["bbox_xyxy"], dtype=torch.float32)
         box = box_convert(xyxy[None], "xyxy", "cxcywh")[0] / torch.tensor([w, h, w, h])
-        return {"image": self.transform(img) if self.transform else img, "sentence": item["sentence"],
-                "box": box, "bbox_xyxy": xyxy, "orig_size": torch.tensor([int(h), int(w)]),
-                "ref_id": item.get("ref_id"), "sent_id": item.get("sent_id"), "image_id": item.get("image_id")}
+        sentence = item["sentence"]
+        if getattr(self.transform, "carries_boxes", False):
+            image, box, sentence = self.transform(img, box, sentence)  # type: ignore[misc]
+        else:
+            image = self.transform(img) if self.transform else img
+        return {"image": image, "sentence": sentence, "box": box, "bbox_xyxy": xyxy,
+                "orig_size": torch.tensor([int(h), int(w)]), "ref_id": item.get("ref_id"),
+                "sent_id": item.get("sent_id"), "image_id": item.get("image_id")}
+
+
+def _grounding_box(item: Mapping[str, Any]) -> tuple[str | None, list[float] | None]:
+    """(problem or None, the box clipped to the image) of one grounding item; problem 'clipped' keeps it."""
+    from torchvision.ops import clip_boxes_to_image
+
+    if not isinstance(item.get("sentence"), str) or not item["sentence"].strip():
+        return "blank_sentence", None
+    try:
+        w, h = float(item["width"]), float(item["height"])
+        box = torch.tensor([float(v) for v in item["bbox_xyxy"]], dtype=torch.float64)
+    except (TypeError, ValueError, KeyError):
+        return "no_annotation", None
+    if box.shape != (4,) or not bool(torch.isfinite(box).all()) or not (w > 0 and h > 0):
+        return "no_annotation", None
+    clipped = clip_boxes_to_image(box[None], (h, w))[0]
+    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+        return "degenerate", None
+    return ("clipped" if not torch.equal(clipped, box) else None), clipped.tolist()

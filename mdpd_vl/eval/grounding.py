@@ -140,3 +140,48 @@ def grounding_report(pred_xyxy: Any, gt_xyxy: Any, groups: Sequence[str], thresh
             "count": int(sel.sum()),
         }
     return report
+
+
+def draw_examples(images: Sequence[Any], expressions: Sequence[str], pred_xyxy: Any, gt_xyxy: Any,
+                  out_path: Any, *, columns: int = 4, tile: int = 256) -> Any:
+    """One PNG of up to a dozen examples (people look at boxes before numbers): each image (a PIL image or a path)
+    with its expression, the ground truth (green) and the predicted box (red), both in pixels of that image.
+    Written atomically; returns the path."""
+    import os
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    pred, gt = as_boxes(pred_xyxy, "pred_xyxy"), as_boxes(gt_xyxy, "gt_xyxy")
+    n = len(images)
+    if not n or len(expressions) != n or len(pred) != n or len(gt) != n:
+        raise UserError(f"{n} images, {len(expressions)} expressions, {len(pred)} predicted and {len(gt)} "
+                        "ground-truth boxes: give one of each per example", field="images")
+    cols, caption_h = min(columns, n), 46
+    rows = -(-n // cols)
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (img, text) in enumerate(zip(images, expressions)):
+        im = (Image.open(img) if isinstance(img, (str, Path)) else img).convert("RGB")
+        scale = tile / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
+        x0, y0 = (k % cols) * tile, (k // cols) * (tile + caption_h)
+        sheet.paste(im, (x0, y0))
+        for box, colour in ((gt[k], (0, 170, 0)), (pred[k], (220, 0, 0))):
+            draw.rectangle([x0 + float(v) * scale if i % 2 == 0 else y0 + float(v) * scale
+                            for i, v in enumerate(box.tolist())], outline=colour, width=3)
+        lines = textwrap.wrap(str(text), width=max(10, tile // 7))[:3]
+        draw.multiline_text((x0 + 3, y0 + tile + 2), "\n".join(lines), fill=(0, 0, 0))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        sheet.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
