@@ -151,7 +151,9 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
 def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
     """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
     common.seed_everything(cfg.train.seed)
-    model = build_model(cfg)  # bad names fail here, before anything is written
+    if cfg.data.dataset != "shapes":
+        index_dir(cfg)  # a missing real dataset is one line, before any backbone is loaded
+    model = build_model(cfg)  # bad names fail here, before the shapes world is built or anything is written
     folder = index_dir(cfg)
     out = common.check_output_dir(output_dir or cfg.output_dir)
     data = ev.RetrievalData.build(cfg, model, folder)
