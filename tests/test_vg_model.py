@@ -94,11 +94,19 @@ def task_loss(model, batch) -> float:
     return float(sum(v for k, v in losses.items() if k.startswith("task")))
 
 
+def side_buffers(model: nn.Module) -> set[int]:
+    """The buffers a side network owns (UniPT's / SHERL's CNN-form BatchNorm statistics): trainable-side state
+    that moves in train mode as in the official code (VSE-infty `train_start()` trains the whole image encoder,
+    side module included). Backbone modules that SHERL re-runs are not registered in it, so they stay checked."""
+    return {id(b) for m in model.modules() if isinstance(m, SideNetwork) for b in m.buffers()}
+
+
 def frozen_state(model) -> dict[str, torch.Tensor]:
-    """Every parameter outside the trained groups, and every buffer, cloned."""
+    """Every parameter outside the trained groups, and every buffer but the side networks' own, cloned."""
     trained = {id(p) for group in model.param_groups().values() for p in group}
     out = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters() if id(p) not in trained}
-    out.update({f"b:{n}": b.clone() for n, b in model.named_buffers() if "num_batches_tracked" not in n})
+    side = side_buffers(model)
+    out.update({f"b:{n}": b.clone() for n, b in model.named_buffers() if id(b) not in side})
     return out
 
 
@@ -130,12 +138,16 @@ A_METHODS = {
 def test_placement_a_two_steps(name, batch):
     model = placement_a(name.split("-")[0], **A_METHODS[name])
     frozen = frozen_state(model)
+    side_stats = {n: b.clone() for n, b in model.named_buffers() if id(b) in side_buffers(model)}
     before, after, losses = train_steps(model, batch)
     assert after < before, (before, after)
     assert all(torch.isfinite(v) for v in losses.values())
     now = frozen_state(model)
     changed = [k for k, v in frozen.items() if not torch.equal(v, now[k])]
     assert not changed, changed[:5]
+    if name.split("-")[0] in ("unipt", "mdpd"):  # the CNN form's side BatchNorm trains in train mode (official)
+        live = dict(model.named_buffers())
+        assert side_stats and any(not torch.equal(v, live[n]) for n, v in side_stats.items())
     # the trained groups did train
     assert any(g and any(p.grad is not None for p in g) for g in model.param_groups().values())
     if name.startswith("mdpd"):
@@ -162,6 +174,19 @@ def test_logits_distillation_switch(objective, batch):
         losses["logits"].backward()
         grads = [p.grad for p in model.head.parameters() if p.grad is not None]
         assert grads and all(p.grad is None for p in model.head_side.parameters())  # the side path teaches
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_teacher_is_the_ema_copy_or_the_live_side_path(ema, batch):
+    model = placement_a("mdpd", backbone_trainable="head", ema_teacher=ema)
+    calls = []
+    model.head_side.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    losses = model.losses(batch)
+    # the live side path teaches with its own prediction; an EMA teacher runs W_S once more, without grad
+    assert calls == ([True] if ema is None else [True, False])
+    losses["logits"].backward()
+    assert any(p.grad is not None for p in model.head.parameters())
+    assert all(p.grad is None for p in model.head_side.parameters())
 
 
 def test_alternate_schedule_is_refused():
@@ -261,6 +286,45 @@ def test_mdetr_backbone_protocol():
     big = {"images": torch.randn(1, 3, 2 * SIZE, 2 * SIZE), "text": {k: v[:1] for k, v in x["text"].items()}}
     assert bb.padding_mask(big).shape[1] == 4 * n_img + x["text"]["input_ids"].shape[1]
     assert not bn.training and bb.image.training
+
+
+@pytest.mark.parametrize("name", ["unipt", "sherl"])
+def test_side_networks_fuse_layers_of_other_token_counts(name):
+    """MDETR's layers hold the memory (image + text tokens) then the queries: the memory layers are gathered onto
+    the queries by cross-attention (their padding masked), each s_l keeps b_l's token count."""
+    from mdpd_vl.side import build_side
+    from mdpd_vl.side.unipt import cross_gather, gather_onto
+
+    bb = tiny_mdetr().eval()
+    x = bb.example_input(3)
+    x["text"]["attention_mask"][1, 3:] = 0  # padded text: the memory's mask has False entries
+    side = build_side(name, bb.layer_specs, {"r": 2}, backbone=bb).eval()  # SHERL's fc_out has dropout
+    with torch.no_grad():
+        feats = bb.features(x, with_input=side.reads_input)
+    emb = feats.pop(0) if side.reads_input else None
+    valid = bb.padding_mask(x)
+    out = side(feats, valid, emb)
+    assert [s.shape[1] for s in out.layers] == [f.shape[1] for f in feats]
+    assert out.tokens.shape == (3, TINY["num_queries"], 32)
+    assert len({f.shape[1] for f in feats[: side.reads_layers]}) == 2  # memory and queries are both read
+    probe = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(0))
+    (out.tokens * probe).sum().backward()  # not a plain sum: SHERL's output is a re-run LayerNorm (decoder.norm)
+    projections = side.hor if name == "sherl" else side.down  # per source: b_0 (when read), b_1, ...
+    first = 1 if side.reads_input else 0
+    for i in range(bb.num_encoder_layers):  # every memory layer reaches the output in the query layout
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projections[first + i].parameters()), i
+    # the padded memory tokens change nothing
+    moved = [f.clone() for f in feats]
+    for f in moved[: bb.num_encoder_layers]:
+        f[~valid] = 1e3
+    with torch.no_grad():
+        assert torch.allclose(side(moved, valid, emb).tokens, side(feats, valid, emb).tokens, atol=1e-5)
+    # equal counts: UniPT's + I / SHERL's token by token; other counts: the gather alone
+    a, t, m = torch.randn(2, 5, 8), torch.randn(2, 12, 8), torch.rand(2, 12) > 0.3
+    assert torch.equal(gather_onto(a, t, m, identity=True), cross_gather(a, t, m))
+    t5 = torch.randn(2, 5, 8)
+    assert torch.equal(gather_onto(a, t5, None, identity=True), cross_gather(a, t5, None) + t5)
+    assert torch.equal(gather_onto(a, t5, None, identity=False), t5)
 
 
 def test_memory_length_never_equals_the_query_count():
@@ -372,6 +436,10 @@ def test_official_mdetr_checkpoint_maps_key_by_key(tmp_path, batch):
 
 # -- data -----------------------------------------------------------------------------------------
 def test_bad_boxes_are_counted_not_fatal(refs, tmp_path):
+    """Two guarantees: a canonical index never holds a box that is not 4 finite numbers (the prep skips and counts
+    such annotations, tests/test_faults_prep.py; `load_index` refuses a file that has one), and the dataset counts
+    what a valid index may still hold: boxes outside the image (clipped), degenerate boxes, items without a usable
+    image size, blank sentences, missing images."""
     data = json.loads((refs / "train.index.json").read_text())
     good = data["items"][0]
     w = good["width"]
@@ -379,7 +447,7 @@ def test_bad_boxes_are_counted_not_fatal(refs, tmp_path):
         {**good, "bbox_xyxy": [-5.0, 2.0, w + 10.0, 20.0]},  # outside: clipped, kept
         {**good, "bbox_xyxy": [10.0, 10.0, 10.0, 30.0]},  # zero width: skipped
         {**good, "bbox_xyxy": [w + 1.0, 5.0, w + 9.0, 9.0]},  # wholly outside: degenerate after clipping
-        {**good, "bbox_xyxy": None},  # no annotation
+        {**good, "width": 0},  # no positive image size: the box cannot be placed (no annotation)
         {**good, "sentence": "  "},
         {**good, "image": "COCO_train2014_999999999999.jpg"},  # missing image
     ]
@@ -391,6 +459,15 @@ def test_bad_boxes_are_counted_not_fatal(refs, tmp_path):
         ds = GroundingDataset(path, GroundingTransform(SIZE))
     assert ds.problems == {"clipped": 1, "degenerate": 2, "no_annotation": 1, "blank_sentence": 1,
                            "missing_image": 1}
+    for box in (None, [1.0, 2.0, float("nan"), 4.0], [1.0, 2.0, 3.0]):  # never in a canonical index
+        path.write_text(json.dumps({**data, "items": [good, {**good, "bbox_xyxy": box}]}))
+        with pytest.raises(UserError, match="4 finite numbers") as info:
+            GroundingDataset(path)
+        assert info.value.field == "items[1].bbox_xyxy" and "\n" not in str(info.value)
+    # an index given as a dict is not re-validated: the dataset still counts such a box instead of failing
+    with pytest.warns(UserWarning, match="no_annotation 1"):
+        loose = GroundingDataset({**data, "items": [good, {**good, "bbox_xyxy": None}]}, check_images=False)
+    assert len(loose) == 1
     assert len(ds) == 2 and ds.items[1]["bbox_xyxy"] == [0.0, 2.0, float(w), 20.0]
     b = GroundingCollator(tokenize, SPECIAL)([ds[0], ds[1]])
     assert b["box"].shape == (2, 4) and (b["box"] >= 0).all() and (b["box"] <= 1).all()

@@ -22,6 +22,15 @@ Follows Paranioar/SHERL `VSE-infty/lib/adapter_for_transformer.py` (`sherl_for_t
 - Served alone (`SideKeptModel`), the backbone stops at h (`reads_layers`), so SHERL costs the
   official L block runs, not L + k.
 
+Layers without a grid may differ in token count (MDETR as a backbone: encoder memory, image + text tokens,
+then decoder queries). The official per-token fusion needs one count: a source with another one is gathered
+onto the guide's tokens by UniPT's parameter-free cross-attention, l1norm(relu(g t^T)) t (padding masked),
+before the fusion. The official MDETR file (Paranioar/SHERL `MDETR/models/transformer.py`) instead runs one
+SHERL block per tower (encoder layers into the encoder output, decoder layers into the decoder's last
+layer, which then cross-attends to the side memory); the backbone protocol gives one list of layers, so here
+the memory layers reach the query guide through that gather. Layers of the guide's count (every layer of an
+ordinary transformer) are fused exactly as above.
+
 s_l (what MDPD distils into b_l) is the projected source for the layers SHERL reads (resampled back
 to b_l's grid on CNNs) and the re-run blocks' outputs for the layers above h.
 
@@ -45,7 +54,7 @@ from mdpd_vl.side.base import SideNetwork, SideOutput, reads_embeddings
 from mdpd_vl.side.blocks import BlockRunner, block_family, call_order, modules_between
 from mdpd_vl.side.config import SHERLConfig
 from mdpd_vl.side.lst import SideBlock, auto_heads, mask_for, resample_tokens
-from mdpd_vl.side.unipt import TokenBatchNorm, l1norm, same_layout
+from mdpd_vl.side.unipt import TokenBatchNorm, gather_onto, l1norm, same_layout
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +206,13 @@ class SHERL(SideNetwork):
         """tanh(alpha / T): 0 at initialisation, so h is not added and x = fc_out(fused)."""
         return torch.tanh(self.alpha / self.cfg.gate_temperature)
 
-    def fuse(self, guide: Tensor, shallow: list[Tensor]) -> Tensor:
-        """Redundancy-aware fusion of the shallower sources into the guide (all in h's layout)."""
+    def fuse(self, guide: Tensor, shallow: list[Tensor], mask: Tensor | None = None) -> Tensor:
+        """Redundancy-aware fusion of the shallower sources into the guide. Sources of the guide's token
+        count are fused token by token; a source with another count (no grid: MDETR's memory beside its
+        queries) is first gathered onto the guide's tokens (`unipt.gather_onto`; `mask` is its padding)."""
         if not shallow:
             return guide
+        shallow = [gather_onto(guide, s, mask_for(mask, s.shape[1]), identity=False) for s in shallow]
         stack = torch.stack(shallow, dim=2)  # B x N x S x d
         unit = F.normalize(stack, dim=-1)
         redundancy = torch.relu(unit @ unit.transpose(-1, -2)).sum(-1, keepdim=True)
@@ -228,7 +240,7 @@ class SHERL(SideNetwork):
             guide, shallow = self._project(len(sources), h, self.h_spec, n_h), projected
         else:
             guide, shallow = projected[-1], projected[:-1]
-        x = self.fc_out(self.fuse(guide, shallow)) + self.gate() * h
+        x = self.fc_out(self.fuse(guide, shallow, mask)) + self.gate() * h
         late = self._late(x, mask, feats)
         offset = len(sources) - len(read)
         layers = [p if self.tokens_form else resample_tokens(p, self.h_spec, s, b.shape[1])

@@ -24,6 +24,13 @@ t_l; tokens = class token of b_L + Linear(d -> D_L)(relu(merged)) (one token per
 
 s_l (what MDPD distils into b_l) is t_l for l = 1..L, upsampled back to b_l's grid in the CNN form.
 
+Layers without a grid may differ in token count (MDETR as a backbone: encoder layers hold the memory,
+image + text tokens; decoder layers the queries; `backbones/mdetr.py`). Such a target cannot take the `+ I`
+(or clip4clip's `+ class token`) term, which pairs tokens by position: it is gathered onto the anchor by the
+parameter-free cross-attention alone, as the official `MDETR/models/transformer.py` gathers the side memory
+into the query layout (`cross_attention(..., residual=False)`). Layers of the anchor's token count (every
+layer of an ordinary transformer) are fused exactly as above.
+
 Deviations, all forced by reading layers of any backbone rather than one model's internals:
 - clip4clip's anchor is the class token of b_L (the image prefix token; for text the first token, or
   the last valid one = CLIP's EOT with `class_token: last`/auto on causal towers); the official anchor
@@ -33,6 +40,10 @@ Deviations, all forced by reading layers of any backbone rather than one model's
   A stage already on the anchor's grid (EfficientNet's late stages; the official ResNet has none
   besides the anchor) is taken as it is: over a 1 x 1 patch the official weights reduce to a step
   function of the guide's sign, which passes no gradient to its guide projection.
+- on MDETR, the official file fuses the encoder layers into the last encoder memory and each decoder layer
+  (plus what it gathers from that side memory) into the last decoder output; here every layer fuses into
+  the one anchor b_L (the decoder output), the memory layers by cross-attention as described above: the
+  backbone protocol gives one list of layers, not two towers.
 - `out_width` defaults to the deepest backbone width (the official maps to the joint embedding size
   and pools it directly; here the task head maps to the joint space). A clip4clip `out_width` other
   than D_L adds a Linear after the official output.
@@ -63,6 +74,19 @@ def cross_gather(anchor: Tensor, target: Tensor, target_mask: Tensor | None) -> 
     if target_mask is not None:
         weights = weights * target_mask[:, None, :].to(weights.dtype)
     return l1norm(torch.relu(weights), dim=-1) @ target
+
+
+def gather_onto(anchor: Tensor, target: Tensor, target_mask: Tensor | None, identity: bool) -> Tensor:
+    """`target` in the anchor's token layout (`B x N_a x d`) for the fusion.
+
+    Same token count: `cross_gather + target` with `identity` (UniPT's `+ I`), else `target` itself (SHERL's
+    per-token fusion). Another token count and no grid (MDETR's memory, image + text, beside its decoder
+    queries): only the parameter-free cross-attention `cross_gather`, as the official
+    Paranioar/UniPT `MDETR/models/transformer.py` brings the side memory to the queries
+    (`cross_attention(..., residual=False)`: no identity term, there is no token at the same position)."""
+    if target.shape[1] == anchor.shape[1]:
+        return cross_gather(anchor, target, target_mask) + target if identity else target
+    return cross_gather(anchor, target, target_mask)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -97,8 +121,9 @@ class _Fusion(nn.Module):
         merged, confidence = [], []
         for t in targets:
             t_mask = mask_for(mask, t.shape[1])
-            # + I: each anchor token also takes the target token at its own position
-            merged.append(cross_gather(anchor, t, t_mask) + t)
+            # + I: each anchor token also takes the target token at its own position; a target with
+            # another token count has no such position (see `gather_onto`)
+            merged.append(gather_onto(anchor, t, t_mask, identity=True))
             confidence.append(self.gate(pooled * masked_mean(t, t_mask)))
         weights = torch.softmax(torch.cat(confidence, dim=1), dim=1)  # B x sources
         fused = torch.einsum("bl,blnd->bnd", weights, torch.stack(merged, dim=1))
@@ -196,7 +221,9 @@ class UniPT(SideNetwork):
         merged, confidence = [], []
         for t in projected:
             t_mask = mask_for(mask, t.shape[1])
-            merged.append(cross_gather(anchor, t, t_mask) + t[rows, index].unsqueeze(1))
+            gathered = cross_gather(anchor, t, t_mask)
+            # + the class token of t_l: only a layer in b_L's token layout has one at b_L's class position
+            merged.append(gathered + t[rows, index].unsqueeze(1) if t.shape[1] == sources[-1].shape[1] else gathered)
             confidence.append(self.gate(anchor[:, 0] * masked_mean(t, t_mask)))
         weights = torch.softmax(torch.cat(confidence, dim=1), dim=1)
         fused = torch.einsum("bl,blnd->bnd", weights, torch.stack(merged, dim=1))

@@ -13,7 +13,7 @@ MDPD's grounding objective (both placements): the task loss (MDETR set loss) on 
 backbone path too (`task_on_backbone`, default); and logits distillation on the matched queries: the side path's
 prediction for its matched query teaches the backbone path's matched query (`logits: match`, the task's own L1 +
 GIoU + soft cross-entropy; `logits: mse`, the paper's eq. 3). The teacher is the DualPath output's `y_teacher`
-when it has one (EMA teacher), else the live side path, detached. DualPath's own logits / task terms are switched
+when the DualPath has an EMA teacher (`distill.ema_teacher`), else the live side path's prediction, detached. DualPath's own logits / task terms are switched
 off (they would compare token maps); its feature losses (shallow imitation, deep masked generation) stay.
 `deployed()` is the faded model (backbones + W_B transformer / head): no side module exists in it.
 """
@@ -203,6 +203,15 @@ class GroundingModel(nn.Module):
         raise NotImplementedError
 
 
+def ema_teacher(tuned: MdpdTuned, out: Any) -> Tensor | None:
+    """The DualPath output's `y_teacher` when it comes from an EMA teacher, else None: without one it is the
+    live side output, detached, which the side path's own prediction already gives (no second transformer
+    run, no second matching)."""
+    if getattr(tuned.core, "ema", None) is None:
+        return None
+    return getattr(out, "y_teacher", None)
+
+
 def _prefixed(losses: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {f"{prefix}{k}": v for k, v in losses.items()}
 
@@ -259,7 +268,7 @@ class TowerGrounding(GroundingModel):
         side = self.head_side(oi.y_side, image_grid(self.image.backbone, oi.y_side), ot.y_side, valid)
         back = self.head(oi.y_backbone, grid, ot.y_backbone, valid)
         teacher = None
-        ti, tt = getattr(oi, "y_teacher", None), getattr(ot, "y_teacher", None)
+        ti, tt = ema_teacher(self.image, oi), ema_teacher(self.text, ot)
         if ti is not None and tt is not None:
             with torch.no_grad():
                 teacher = self.head_side(ti, image_grid(self.image.backbone, ti), tt, valid).detach()
@@ -315,7 +324,7 @@ class TransformerGrounding(GroundingModel):
             task, _ = self._task(BoxScoreHead.unpack(y), targets)
             return {"task": task, **extra}
         out = self.tuned.core(x)
-        teacher = getattr(out, "y_teacher", None)
+        teacher = ema_teacher(self.tuned, out)
         teacher = None if teacher is None else BoxScoreHead.unpack(teacher.detach())
         side, back = BoxScoreHead.unpack(out.y_side), BoxScoreHead.unpack(out.y_backbone)
         return {**self._mdpd_losses(side, back, teacher, targets), **out.losses}
