@@ -201,16 +201,15 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         export_dir = kit.export(deployed, out / "export")
     with timings.phase("efficiency: memory + throughput"):
         efficiency = ev.efficiency(model, data, cfg, deployed)
-    with timings.phase("results + model card"):
-        results = kit.results(
-            task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
-            backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
-            efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
-            config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
-            export_dir=str(export_dir) if export_dir else None,
-            feature_cache=str(data.cache_dir) if data.cache_dir else None)
-        common.write_json(out / "results.json", results)
-        card = ev.write_card(out, results, data)
+    results = kit.results(
+        task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
+        backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
+        efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
+        config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
+        export_dir=str(export_dir) if export_dir else None,
+        feature_cache=str(data.cache_dir) if data.cache_dir else None)
+    common.write_json(out / "results.json", results)
+    card = ev.write_card(out, results, data)
     where = kit.locations(out, export_dir, card, data.cache_dir)
     print(kit.summary(results, ev.metrics_table(results), where))
     return results

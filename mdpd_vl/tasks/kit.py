@@ -205,6 +205,10 @@ def dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def locations(run: Path, export_dir: Path | None, card: Path | None, cache: Path | None) -> list[tuple[str, str]]:
     """(what, where) lines of the summary: run folder, export, model card, feature cache + its size."""
     lines = [("run folder", f"{run}  (results.json, train/: metrics.jsonl, checkpoints)")]
@@ -213,8 +217,7 @@ def locations(run: Path, export_dir: Path | None, card: Path | None, cache: Path
     if card is not None:
         lines.append(("model card", str(card)))
     if cache is not None and cache.is_dir():
-        size = dir_bytes(cache)
-        lines.append(("feature cache", f"{cache}  ({size / 1e9:.2f} GB; rebuilt when missing; delete with: "
+        lines.append(("feature cache", f"{cache}  ({_size(dir_bytes(cache))}; rebuilt when missing; delete with: "
                                        f"rm -r {cache})"))
     return lines
 
