@@ -131,7 +131,7 @@ def test_bad_task_exports_are_user_errors(tmp_path: Path) -> None:
     (out / CONFIG).write_text(json.dumps({**config, "task": "nope"}))
     with pytest.raises(UserError, match="unknown exported task 'nope'; valid: itr"):
         load_exported(out)
-    (out / CONFIG).write_text(json.dumps({**config, "parts": {"image": "../elsewhere", "text": "text"}}))
+    (out / CONFIG).write_text(json.dumps({**config, "parts": {"image": str(Path("..") / "elsewhere"), "text": "text"}}))
     with pytest.raises(UserError, match="sub-folder"):
         load_exported(out)
     with pytest.raises(TypeError, match="not a registered"):

@@ -1,7 +1,7 @@
 """The project is self-contained: no file of it (prose in .md aside) refers to a path outside its own tree.
 
 A user has a clone of the project and nothing else, so code, configs, tests and scripts may not
-reach `../<anything>`, a sibling folder of the checkout, or a machine folder such as `/work/...`.
+climb out of it (`..` then a name), reach a sibling folder of the checkout, or name a machine folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "data", "runs", "outputs", "cache", "build", "dist", "__pycache__", ".pytest_cache",
              ".ruff_cache"}
 
-# `../name` (a relative path climbing out), the old shared checkout by name, machine folders
+# a relative path climbing out (`..` then a name), the old shared checkout by name, machine folders
 CLIMB = re.compile(r"\.\./[A-Za-z_]")
 SHARED = re.compile(r"\bshared" r"/(fixtures|spec|seeds|DESIGN)")
 MACHINE = re.compile(r"(?<![\w.])/(work|home|Users|root|mnt|scratch|srv|opt)/")
