@@ -70,11 +70,11 @@ def test_no_project_file_refers_outside_the_repository() -> None:
 
 def test_the_checker_catches_each_kind_of_outside_path() -> None:
     rel = Path("tests/test_x.py")
-    planted = {
-        "REAL = ROOT.parent / 'shared' / 'fixtures'": True,
-        "p = Path(__file__).resolve().parents[2] / 'x'": True,
-        "p = Path(__file__).parent.parent.parent": True,
-        "open('.." "/shared/fixtures/real/a.csv')": True,
+    planted = {  # split literals, so that this file itself passes the check
+        "REAL = ROOT" ".parent / 'shared' / 'fixtures'": True,
+        "p = Path(__file__).resolve()" ".parents[2] / 'x'": True,
+        "p = Path(__file__)" ".parent.parent.parent": True,
+        "open('.." "/shared" "/fixtures/real/a.csv')": True,
         "open('/work" "/main/x')": True,
         "ROOT = Path(__file__).resolve().parents[1]": False,
         "p = Path(__file__).parent / 'fixtures' / 'real'": False,
