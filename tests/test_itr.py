@@ -244,3 +244,26 @@ def test_errors_name_the_option_the_user_typed(data_root: Path, tmp_path: Path, 
     assert line.startswith("error: --backbone NoSuchNet-9: unknown backbone") and "offline" in line
     assert error("--set", "train.epochs=0").startswith("error: --set train.epochs=0: train.epochs: must be >= 1")
     assert not (tmp_path / "o").exists()
+
+
+def test_frozen_eval_features_give_the_live_embeddings_bit_for_bit(data_root: Path) -> None:
+    from mdpd_vl.deploy.retrieval import encode_batches
+    from mdpd_vl.tasks import itr
+    from mdpd_vl.tasks import itr_eval as ev
+
+    torch.set_num_threads(1)
+    cfg = itr.resolve_config(itr.parse_args(["--data-root", str(data_root), "--set", "data.shapes_scale=tiny",
+                                             "--set", "data.eval_batch_size=4", "--set", "retrieval.embed_dim=32",
+                                             "--set", "data.cache_features=false"]))
+    model = itr.build_model(cfg)
+    data = ev.RetrievalData.build(cfg, model, itr.index_dir(cfg))
+    assert not data.cached and data.eval_inputs is None
+    retr = ev.retriever(model, cfg)
+    live = retr.encode_images(data.image_paths), retr.encode_texts(data.evalset.captions)
+    data.freeze_eval_inputs(retr)
+    assert len(data.eval_inputs[0]) == 3  # 10 images in batches of 4, as the retriever batches them
+    assert torch.equal(encode_batches(retr.image, data.eval_inputs[0]), live[0])
+    assert torch.equal(encode_batches(retr.text, data.eval_inputs[1]), live[1])
+    side = ev.retriever(model, cfg, side_kept=True)  # the side-kept model reads the same features
+    assert torch.allclose(encode_batches(side.image, data.eval_inputs[0]),
+                          side.encode_images(data.image_paths), atol=1e-6)

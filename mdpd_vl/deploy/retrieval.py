@@ -11,7 +11,7 @@ export stores the same settings, so a reloaded export reproduces the metrics exa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,14 @@ class ImageTextRetriever(nn.Module):
         self._transform: Any = None
 
     @property
+    def image_backbone(self) -> Any:
+        return self._image_backbone
+
+    @property
+    def text_backbone(self) -> Any:
+        return self._text_backbone
+
+    @property
     def image_transform(self) -> Any:
         """The evaluation's PIL -> tensor transform."""
         if self._transform is None:
@@ -81,9 +89,6 @@ class ImageTextRetriever(nn.Module):
     def _batch_size(self, given: int | None) -> int:
         return int(given or self.preprocess.get("batch_size") or 64)
 
-    def _device(self) -> torch.device:
-        return next(self.image.parameters()).device
-
     def pixels(self, images: Sequence[ImageLike]) -> Tensor:
         """`B x 3 x H x W` from PIL images or image files, decoded as the datasets decode them."""
         from mdpd_vl.data.datasets import read_image
@@ -91,23 +96,25 @@ class ImageTextRetriever(nn.Module):
         loaded = [img if isinstance(img, Image.Image) else read_image(Path(img)) for img in images]
         return torch.stack([self.image_transform(img if img.mode == "RGB" else img.convert("RGB")) for img in loaded])
 
-    @torch.no_grad()
+    def image_inputs(self, images: Sequence[ImageLike], batch_size: int | None = None) -> Iterator[Tensor]:
+        """The image encoder's input batches (pixels), in order: what `encode_images` runs."""
+        bs, items = self._batch_size(batch_size), list(images)
+        return (self.pixels(items[i:i + bs]) for i in range(0, len(items), bs))
+
+    def text_inputs(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """The text encoder's input batches (token ids + mask), in order: what `encode_texts` runs."""
+        bs, items = self._batch_size(batch_size), list(texts)
+        return (self.tokenize(items[i:i + bs]) for i in range(0, len(items), bs))
+
     def encode_images(self, images: Sequence[ImageLike] | Tensor, batch_size: int | None = None) -> Tensor:
         """L2-normalised image embeddings (`N x D`, float32, CPU) of PIL images, paths, or a pixel batch."""
         if isinstance(images, Tensor):
-            return _encode(self.image, [images], self._device())
-        bs = self._batch_size(batch_size)
-        items = list(images)
-        return _encode(self.image, (self.pixels(items[i:i + bs]) for i in range(0, len(items), bs)), self._device(),
-                       empty=len(items) == 0)
+            return encode_batches(self.image, [images])
+        return encode_batches(self.image, self.image_inputs(images, batch_size))
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> Tensor:
         """L2-normalised caption embeddings (`N x D`, float32, CPU)."""
-        bs = self._batch_size(batch_size)
-        items = list(texts)
-        return _encode(self.text, (self.tokenize(items[i:i + bs]) for i in range(0, len(items), bs)), self._device(),
-                       empty=len(items) == 0)
+        return encode_batches(self.text, self.text_inputs(texts, batch_size))
 
     def similarity(self, images: Sequence[ImageLike], texts: Sequence[str]) -> Tensor:
         """Cosine similarities, images x texts."""
@@ -139,14 +146,17 @@ class ImageTextRetriever(nn.Module):
         return cls(load_faded(folder / parts["image"]), load_faded(folder / parts["text"]), config["preprocess"]).eval()
 
 
-def _encode(module: nn.Module, batches: Iterable[Any], device: torch.device, empty: bool = False) -> Tensor:
+@torch.no_grad()
+def encode_batches(module: nn.Module, batches: Iterable[Any]) -> Tensor:
+    """L2-normalised outputs of `module` (eval mode, no grad) over `batches`, concatenated on the CPU."""
+    device = next(module.parameters()).device
     was = module.training
     module.eval()
     try:
         outs = [F.normalize(module(_to(b, device)).float(), dim=-1).cpu() for b in batches]
     finally:
         module.train(was)
-    if empty:
+    if not outs:
         raise ValueError("nothing to encode")
     return torch.cat(outs)
 
@@ -154,4 +164,6 @@ def _encode(module: nn.Module, batches: Iterable[Any], device: torch.device, emp
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, Tensor):
         return x.to(device)
-    return {k: v.to(device) for k, v in x.items()}
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x  # precomputed features (the recipe's frozen-backbone evaluation) stay where they are

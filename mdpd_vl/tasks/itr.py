@@ -173,6 +173,8 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
     out = common.check_output_dir(output_dir or cfg.output_dir)
     with timings.phase("data: feature cache" if ev.cache_is_exact(cfg) and cfg.data.cache_features else "data"):
         data = ev.RetrievalData.build(cfg, model, folder)
+        if data.cached:  # the backbones never change: their eval-split features serve every evaluation
+            data.freeze_eval_inputs(ev.retriever(model, cfg))
     print(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
           f"{', cached frozen features' if data.cached else ''}")
     with timings.phase("evaluation before training"):

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Subset
 
+from mdpd_vl.backbones.base import Precomputed
 from mdpd_vl.cards import markdown_table
 from mdpd_vl.data import retrieval_inputs as ri
 from mdpd_vl.data.datasets import ImageTextEval
 from mdpd_vl.data.transforms import clip_transform, transform_stats
-from mdpd_vl.deploy.retrieval import ImageTextRetriever, image_preprocess
+from mdpd_vl.deploy.retrieval import ImageTextRetriever, encode_batches, image_preprocess
 from mdpd_vl.eval.retrieval import evaluate_itr
 from mdpd_vl.tasks import common, kit
 from mdpd_vl.tasks.retrieval import DualTowerRetrieval
@@ -40,8 +41,12 @@ def cache_is_exact(cfg: ITRConfig) -> bool:
 
 @dataclass
 class RetrievalData:
-    """The training set + collate (live, or cached frozen features) and the eval split (always live:
-    the deployed model is evaluated exactly as its export serves, see `deploy.retrieval`)."""
+    """The training set + collate (live, or cached frozen features) and the eval split.
+
+    The eval split is read from its files through the deployed retriever's own batching; with a
+    frozen backbone its per-layer features are computed once (`freeze_eval_inputs`, float32, in
+    memory) and every evaluation (before training, deployed, side kept) reads them: the same
+    numbers as live passes, bit for bit, since the same backbone runs on the same batches."""
 
     train_set: Any
     collate: Any
@@ -50,6 +55,12 @@ class RetrievalData:
     tokenize: Any
     cached: bool
     cache_dir: Path | None
+    eval_inputs: tuple[list[Precomputed], list[Precomputed]] | None = None
+
+    def freeze_eval_inputs(self, retr: ImageTextRetriever) -> None:
+        """Compute the eval split's frozen per-layer features once, batched as `retr` batches it."""
+        self.eval_inputs = (_frozen(retr.image_backbone, retr.image_inputs(self.image_paths)),
+                            _frozen(retr.text_backbone, retr.text_inputs(self.evalset.captions)))
 
     @classmethod
     def build(cls, cfg: ITRConfig, model: DualTowerRetrieval, folder: Path) -> RetrievalData:
@@ -80,6 +91,18 @@ class RetrievalData:
         return cls(train_set, collate, evalset, paths, tokenize, cached, cache)
 
 
+@torch.no_grad()
+def _frozen(backbone: Any, batches: Any) -> list[Precomputed]:
+    was = backbone.training
+    backbone.eval()
+    try:
+        with_input = getattr(backbone, "input_spec", None) is not None  # side networks may read b_0
+        return [Precomputed(list(backbone.features(x, with_input=with_input)), backbone.padding_mask(x))
+                for x in batches]
+    finally:
+        backbone.train(was)
+
+
 def eval_transform(backbone: Any, size: int | None) -> Any:
     """The backbone's own preprocessing, at `size` pixels when given (same mean/std)."""
     own = backbone.transform(False)
@@ -104,8 +127,10 @@ def evaluate(retr: ImageTextRetriever, data: RetrievalData, folds: int = 1) -> d
 
     With `folds > 1` (COCO), the whole split is scored (5K) and the `<key>_<folds>fold` entries
     hold the average over contiguous folds (the 1K protocol)."""
-    img = retr.encode_images(data.image_paths)
-    txt = retr.encode_texts(data.evalset.captions)
+    if data.eval_inputs is not None:  # frozen backbone: its features of the eval split, computed once
+        img, txt = encode_batches(retr.image, data.eval_inputs[0]), encode_batches(retr.text, data.eval_inputs[1])
+    else:
+        img, txt = retr.encode_images(data.image_paths), retr.encode_texts(data.evalset.captions)
     sims = (img @ txt.t()).numpy()
     c2i = data.evalset.caption_to_image
     out = {k: round(float(v), 2) for k, v in evaluate_itr(sims, c2i).items()}
