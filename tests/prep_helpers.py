@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small real annotation files, unchanged; every developer and CI has them at ../shared (shared/README.md).
-REAL = ROOT.parent / "shared" / "fixtures" / "real"
+# Small real annotation files from public repositories, unchanged (provenance: tests/fixtures/real/README.md).
+REAL = ROOT / "tests" / "fixtures" / "real"
 
 
 def jpeg(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 24)) -> Path:

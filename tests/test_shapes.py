@@ -29,7 +29,7 @@ from mdpd_vl.data.shapes_text import (
 )
 from mdpd_vl.errors import UserError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
+REAL = Path(__file__).resolve().parent / "fixtures" / "real"
 CLI = Path(__file__).resolve().parents[1] / "data_prep" / "shapes.py"
 KINDS = {"itr": "image_text", "msrvtt": "video_text", "msvd": "video_text", "vqa": "vqa", "gqa": "gqa",
          "refcoco": "grounding"}
@@ -74,8 +74,8 @@ def test_video_formats(world):
     with open(msr / "MSRVTT_train.9k.csv", newline="") as f:
         train = list(csv.reader(f))
     assert train[0] == ["video_id"] and len(train) - 1 + len(rows) - 1 == W.SCALES["tiny"].msrvtt[0]
-    if (REAL / "MSRVTT_JSFUSION_test.csv").is_file():  # same header as the real file
-        assert (REAL / "MSRVTT_JSFUSION_test.csv").read_text().splitlines()[0] == ",".join(rows[0])
+    # same header as the real file
+    assert (REAL / "MSRVTT_JSFUSION_test.csv").read_text().splitlines()[0] == ",".join(rows[0])
     with av.open(str(msr / "videos/all/video0.mp4")) as c:
         n = sum(1 for _ in c.decode(video=0))
     assert W.SCALES["tiny"].frames[0] <= n <= W.SCALES["tiny"].frames[1]
@@ -95,9 +95,7 @@ def test_vqa_gqa_refcoco_formats(world):
     qs = json.loads((root / "raw/vqa/v2_OpenEnded_mscoco_train2014_questions.json").read_text())
     anns = json.loads((root / "raw/vqa/v2_mscoco_train2014_annotations.json").read_text())["annotations"]
     assert qs["task_type"] == "Open-Ended" and len(qs["questions"]) == len(anns)
-    types = {"how many", "what color is the", "what", "is there a", "is the", "are there any"}
-    if (REAL / "vqa_mscoco_question_types.txt").is_file():
-        types = set((REAL / "vqa_mscoco_question_types.txt").read_text().splitlines())
+    types = set((REAL / "vqa_mscoco_question_types.txt").read_text().splitlines())  # the real 65 prefixes
     disagree = 0
     for a in anns:
         assert [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
@@ -239,3 +237,51 @@ def test_video_captions_fit_their_video_only():
         for text, claim in video_captions(s, rng, 6):
             assert video_claim_matches(claim, s.canonical), text
             assert all(m.motion == "still" or m.thing.colour in text for m in s.movers)
+
+
+# -- one task at a time ------------------------------------------------------------------------
+def test_one_task_builds_alone_with_the_same_bytes(world, tmp_path):
+    root, _ = world
+    solo = tmp_path / "solo"
+    report = W.build_shapes(solo, "tiny", seed=0, progress=False, tasks=["itr"])
+    assert report.tasks == ["itr"] and set(report.counts) == {"itr"}
+    assert sorted(p.name for p in (solo / W.RAW_DIR).iterdir()) == [W.STAMP, "itr"]  # no video, no question
+    assert list(solo.rglob("*.jpg")) and not list(solo.rglob("*.mp4")) and not list(solo.rglob("*.partial"))
+    assert sorted(p.name for p in solo.iterdir()) == sorted([W.MARKER, W.RAW_DIR, W.TASK_DIRS["itr"]])
+    assert _digest(root / W.RAW_DIR / "itr", "*.*") == _digest(solo / W.RAW_DIR / "itr", "*.*")
+    mtimes = {p: p.stat().st_mtime_ns for p in (solo / "itr").glob("*.index.json")}
+    W.ensure_shapes(solo, "tiny", 0, tasks=["vqa"])  # a later task joins, the first one stays as it is
+    marker = json.loads((solo / W.MARKER).read_text())
+    assert marker["tasks"] == ["itr", "vqa"] and set(marker["counts"]) == {"itr", "vqa"}
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (solo / "itr").glob("*.index.json")}
+    assert _digest(root / W.RAW_DIR / "vqa", "*.*") == _digest(solo / W.RAW_DIR / "vqa", "*.*")
+    assert W.build_shapes(solo, "tiny", 0, progress=False, tasks=["itr", "vqa"]).up_to_date
+
+
+def test_a_missing_optional_package_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    root = tmp_path / "shapes"
+    for tasks in (["msrvtt"], ["itr", "msvd"], None):
+        with pytest.raises(UserError) as err:
+            W.ensure_shapes(root, "tiny", 0, tasks=tasks)
+        assert '".[video]"' in str(err.value) and "\n" not in str(err.value)
+        assert not root.exists()  # checked before anything is written: no raw/, no partial folder
+    W.ensure_shapes(root, "tiny", 0, tasks=["itr"])  # what needs no video still builds
+    assert not list(root.rglob("*.partial"))
+
+
+def test_a_failing_task_leaves_no_partial_folder(tmp_path, monkeypatch):
+    def boom(folder, *args):
+        (folder / "half.json").write_text("{")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setitem(W.WRITERS, "gqa", boom)
+    with pytest.raises(RuntimeError):
+        W.build_shapes(tmp_path, "tiny", 0, progress=False, tasks=["itr", "gqa"])
+    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / W.RAW_DIR / "gqa").exists()
+    assert json.loads((tmp_path / W.MARKER).read_text())["tasks"] == ["itr"]  # the finished task stays
+    with pytest.raises(UserError, match="unknown task 'vtr'; valid: itr"):
+        W.build_shapes(tmp_path, "tiny", 0, progress=False, tasks=["vtr"])

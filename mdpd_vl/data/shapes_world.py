@@ -1,19 +1,22 @@
 """The synthetic shapes world: a seeded, offline stand-in for every dataset the project reads.
 
-`build_shapes(root)` samples scenes (`shapes_scenes`), words them (`shapes_text`, `shapes_qa`),
+`build_shapes(root, tasks=...)` samples scenes (`shapes_scenes`), words them (`shapes_text`, `shapes_qa`),
 draws them (`shapes_render`), writes the ORIGINAL formats under `root/raw/` (`shapes_formats`) and
 then builds the canonical indexes with the same `mdpd_vl.data.prep` readers real data goes through,
-one folder per task (`TASK_DIRS`). Test (and val) scenes are resampled until no caption of one
+one folder per task (`TASK_DIRS`). Each task builds alone, on first use (`ensure_shapes(root,
+tasks=["itr"])` writes no video), from its own random stream, so the bytes do not depend on which
+tasks were built before. Test (and val) scenes are resampled until no caption of one
 scene also fits another: the share of such ambiguous captions is measured and reported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,7 @@ class ShapesReport:
     task_dirs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     up_to_date: bool = False
+    tasks: list[str] = field(default_factory=list)  # the tasks whose raw files and indexes are complete
 
 
 def _rng(seed: int, task: str) -> np.random.Generator:
@@ -154,27 +158,31 @@ def _share(split: list[tuple[Any, list]], matches) -> float:
 
 
 # ------------------------------------------------------------------------------------- tasks
-def _itr(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+# Each writer fills one raw folder (`folder`) from its own random stream, so tasks build alone, in
+# any order, and give the same bytes as when they are built together.
+def _itr(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "itr")
     splits = {name: _image_split(n, scale, rng, unique=name != "train")
               for name, n in zip(("train", "val", "test"), scale.itr)}
     for name in ("val", "test"):
         report.ambiguous[f"itr_{name}"] = _share(splits[name], claim_matches)
-    fmt.write_karpathy(raw / "itr", {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()},
+    fmt.write_karpathy(folder, {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()},
                        scale.image_side)
     report.counts["itr"] = {k: len(v) for k, v in splits.items()}
 
 
-def _videos(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+def _msrvtt(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "msrvtt")
     n, n_test = scale.msrvtt
     train = _video_split(n - n_test, scale, rng, False, lambda: scale.msrvtt_captions)
     test = _video_split(n_test, scale, rng, True, lambda: scale.msrvtt_captions)
     # JSFUSION keeps one caption per test video: measure on exactly those
     report.ambiguous["msrvtt_test"] = _share([(s, caps[:1]) for s, caps in test], video_claim_matches)
-    fmt.write_msrvtt(raw / "msrvtt", [(s, [t for t, _ in c]) for s, c in train + test], n_test)
+    fmt.write_msrvtt(folder, [(s, [t for t, _ in c]) for s, c in train + test], n_test)
     report.counts["msrvtt"] = {"train": n - n_test, "test": n_test}
 
+
+def _msvd(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "msvd")
     lo, hi = scale.msvd_captions
     splits, ids = {}, {}
@@ -183,11 +191,11 @@ def _videos(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
         ids[name] = [f"shp{rng.integers(16**8):08x}_{int(rng.integers(60))}_{int(rng.integers(60, 120))}"
                      for _ in range(count)]
     report.ambiguous["msvd_test"] = _share(splits["test"], video_claim_matches)
-    fmt.write_msvd(raw / "msvd", {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()}, ids)
+    fmt.write_msvd(folder, {k: [(s, [t for t, _ in c]) for s, c in v] for k, v in splits.items()}, ids)
     report.counts["msvd"] = {k: len(v) for k, v in splits.items()}
 
 
-def _vqa(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+def _vqa(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "vqa")
     side = scale.image_side
     subsets = {}
@@ -197,10 +205,13 @@ def _vqa(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
             scene = sample_free_scene(rng, side)
             entries.append((scene, first_id + i, questions(scene, rng, side, scale.questions)))
         subsets[subset] = entries
-    fmt.write_vqa(raw / "vqa", subsets, side, rng)
+    fmt.write_vqa(folder, subsets, side, rng)
     report.counts["vqa"] = {k[:-4]: sum(len(q) for _, _, q in v) for k, v in subsets.items()}  # train, val
 
+
+def _gqa(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "gqa")
+    side = scale.image_side
     splits, image_id = {}, 2300001
     for name, n in zip(("train", "val", "testdev"), scale.gqa):
         entries = []
@@ -209,11 +220,11 @@ def _vqa(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
             entries.append((scene, str(image_id), questions(scene, rng, side, scale.questions, gqa=True)))
             image_id += 1
         splits[name] = entries
-    fmt.write_gqa(raw / "gqa", splits, side, rng)
+    fmt.write_gqa(folder, splits, side, rng)
     report.counts["gqa"] = {k: sum(len(q) for _, _, q in v) for k, v in splits.items()}
 
 
-def _refcoco(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
+def _refcoco(folder: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
     rng = _rng(seed, "refcoco")
     side, entries, image_id = scale.image_side, [], 700001
     counts: dict[str, int] = {}
@@ -229,106 +240,149 @@ def _refcoco(raw: Path, scale: Scale, seed: int, report: ShapesReport) -> None:
             entries.append((scene, image_id, split, targets))
             counts[split] = counts.get(split, 0) + sum(len(s) for _, s in targets)
             image_id += 1
-    fmt.write_refcoco(raw / "refcoco", entries, side)
+    fmt.write_refcoco(folder, entries, side)
     report.counts["refcoco"] = counts
 
 
+WRITERS: dict[str, Callable[[Path, Scale, int, ShapesReport], None]] = {
+    "itr": _itr, "msrvtt": _msrvtt, "msvd": _msvd, "vqa": _vqa, "gqa": _gqa, "refcoco": _refcoco,
+}
+# optional packages a task's raw files need: task -> (module, what it writes, extra that installs it)
+REQUIRES: dict[str, tuple[str, str, str]] = {
+    "msrvtt": ("av", "videos", "video"),
+    "msvd": ("av", "videos", "video"),
+}
+
+
 # ------------------------------------------------------------------------------- the indexes
-def _prepare_calls(raw: Path, root: Path) -> dict[str, Callable[[], Any]]:
-    """One call per task: the real readers of `mdpd_vl.data.prep` on the files written above.
+def _prepare(task: str, raw: Path, root: Path) -> Any:
+    """The real reader of `mdpd_vl.data.prep` on the files `WRITERS[task]` wrote into `raw`.
     `name="shapes"` marks the data as not the official release (no official-size check)."""
     from mdpd_vl.data.prep import gqa, karpathy, msrvtt, msvd, refcoco, vqav2
 
-    out = {task: root / folder for task, folder in TASK_DIRS.items()}
+    out = root / TASK_DIRS[task]
     common: dict[str, Any] = {"force": True, "name": "shapes", "workers": 1}
-    return {
-        "itr": lambda: karpathy.prepare(raw / "itr", out["itr"], dataset="coco", annotations="dataset_shapes.json",
-                                        image_root=".", **common),
-        "msrvtt": lambda: msrvtt.prepare(raw / "msrvtt", out["msrvtt"], **common),
-        "msvd": lambda: msvd.prepare(raw / "msvd", out["msvd"], **common),
-        "vqa": lambda: vqav2.prepare(raw / "vqa", out["vqa"], min_count=1, **common),
-        "gqa": lambda: gqa.prepare(raw / "gqa", out["gqa"], min_count=1, **common),
-        "refcoco": lambda: refcoco.prepare(raw / "refcoco", out["refcoco"], variant="refcoco", split_by="unc",
-                                           **common),
-    }
+    if task == "itr":
+        return karpathy.prepare(raw, out, dataset="coco", annotations="dataset_shapes.json", image_root=".",
+                                **common)
+    if task in ("vqa", "gqa"):
+        return (vqav2 if task == "vqa" else gqa).prepare(raw, out, min_count=1, **common)
+    if task == "refcoco":
+        return refcoco.prepare(raw, out, variant="refcoco", split_by="unc", **common)
+    return (msrvtt if task == "msrvtt" else msvd).prepare(raw, out, **common)
 
 
 # ------------------------------------------------------------------------------------- build
-def _current(root: Path, scale: str, seed: int) -> ShapesReport | None:
-    """The stored report when `root` holds a complete build of this scale, seed and version."""
+def _stored(root: Path, scale: str, seed: int) -> ShapesReport | None:
+    """The build report in `root` when it is of this scale, seed and version (else None)."""
     try:
         data = json.loads((root / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (data.get("scale"), data.get("seed"), data.get("version")) != (scale, seed, GENERATOR_VERSION):
+    if not isinstance(data, dict) or (data.get("scale"), data.get("seed"), data.get("version")) != (
+            scale, seed, GENERATOR_VERSION):
         return None
-    if not all(any((root / d).glob("*.index.json")) for d in TASK_DIRS.values()):
+    known = set(ShapesReport.__dataclass_fields__)
+    report = ShapesReport(**{k: v for k, v in data.items() if k in known})
+    if "tasks" not in data:  # written before per-task builds: every task was built at once
+        report.tasks = list(TASK_DIRS)
+    # a task counts as built only while its indexes are there
+    report.tasks = [t for t in report.tasks if t in TASK_DIRS and any((root / TASK_DIRS[t]).glob("*.index.json"))]
+    return report
+
+
+def _current(root: Path, scale: str, seed: int, tasks: list[str] | None = None) -> ShapesReport | None:
+    """The stored report when `root` holds complete builds of `tasks` (default: all) at this scale and seed."""
+    report = _stored(root, scale, seed)
+    if report is None or not set(tasks or TASK_DIRS) <= set(report.tasks):
         return None
-    known = {f for f in ShapesReport.__dataclass_fields__}
-    return ShapesReport(**{k: v for k, v in data.items() if k in known})
+    return report
 
 
-def _remove_ours(path: Path) -> None:
-    """Delete a raw folder only if this generator wrote it (its stamp file is inside)."""
-    if not path.exists():
-        return
-    if not (path / STAMP).is_file():
-        raise UserError("exists and was not written by data_prep/shapes.py; choose another --out",
-                        where=str(path))
-    shutil.rmtree(path)
+def check_tasks(tasks: Sequence[str] | None) -> list[str]:
+    """The tasks to build (default: all), each known, and each one's optional packages installed.
+
+    Checked before anything is written, so a missing package leaves nothing on disk."""
+    names = list(TASK_DIRS) if tasks is None else list(dict.fromkeys(tasks))
+    for task in names:
+        if task not in TASK_DIRS:
+            raise UserError(f"unknown task {task!r}; valid: {', '.join(TASK_DIRS)}", field="tasks")
+    for task in names:
+        if task in REQUIRES and importlib.util.find_spec(REQUIRES[task][0]) is None:
+            module, what, extra = REQUIRES[task]
+            raise UserError(f"the shapes {what} of {task} are written with the optional package {module!r}, "
+                            f"which is not installed: pip install -e \".[{extra}]\" (or pip install "
+                            f"\"mdpd_vl[{extra}]\")", field="tasks")
+    return names
 
 
+def _partials(root: Path | str, *_: Any, **__: Any) -> list[Path]:
+    raw = Path(root) / RAW_DIR
+    return [raw / f"{t}.partial" for t in TASK_DIRS]
 
-@guard_writes(lambda root, *a, **k: [Path(root) / f"{RAW_DIR}.partial"])  # full disk: one line, no partial left
+
+@guard_writes(_partials)  # full disk: one line, no partial left
 def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, force: bool = False,
-                 progress: bool = True) -> ShapesReport:
-    """Generate the world into `root` (raw originals + one index folder per task, see TASK_DIRS).
-    A no-op when `root` already holds this scale and seed, unless `force`."""
+                 progress: bool = True, tasks: Sequence[str] | None = None) -> ShapesReport:
+    """Generate the world into `root`: raw originals under `root/raw/<task>/` and the indexes in
+    `root/<TASK_DIRS[task]>/`, for `tasks` (default: all). Tasks already built at this scale and
+    seed are kept (a no-op when all are), unless `force`."""
     root = Path(root)
     if scale not in SCALES:
         raise UserError(f"unknown scale {scale!r}; valid: {', '.join(SCALES)}", field="scale")
-    current = None if force else _current(root, scale, seed)
-    if current is not None:
-        current.up_to_date = True
-        print(f"shapes world ({scale}, seed {seed}) is up to date in {root} (--force rebuilds)")
-        return current
-    t0 = time.perf_counter()
-    sc = SCALES[scale]
-    raw, partial = root / RAW_DIR, root / f"{RAW_DIR}.partial"
+    wanted = check_tasks(tasks)
+    stored = _stored(root, scale, seed)
+    built = [] if force or stored is None else stored.tasks
+    todo = [t for t in wanted if t not in built]
+    if not todo:
+        assert stored is not None
+        stored.up_to_date = True
+        print(f"shapes world ({scale}, seed {seed}; {', '.join(wanted)}) is up to date in {root} (--force rebuilds)")
+        return stored
+    raw = root / RAW_DIR
     if raw.exists() and not (raw / STAMP).is_file():  # never overwrite somebody's real data
         raise UserError("exists and was not written by data_prep/shapes.py; choose another --out",
                         where=str(raw))
-    _remove_ours(partial)
-    partial.mkdir(parents=True)
-    (partial / STAMP).write_text(f"mdpd_vl synthetic shapes world v{GENERATOR_VERSION}, scale {scale}, "
-                                 f"seed {seed}\n", encoding="utf-8")
+    t0 = time.perf_counter()
     report = ShapesReport(root=str(root.resolve()), scale=scale, seed=seed, task_dirs=dict(TASK_DIRS))
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("images + captions", lambda: _itr(partial, sc, seed, report)),
-        ("videos", lambda: _videos(partial, sc, seed, report)),
-        ("questions", lambda: _vqa(partial, sc, seed, report)),
-        ("referring expressions", lambda: _refcoco(partial, sc, seed, report)),
-    ]
+    if stored is not None:  # keep what the other tasks built (their folders stay valid)
+        report.counts, report.ambiguous, report.seconds = stored.counts, stored.ambiguous, stored.seconds
+        report.tasks = [t for t in stored.tasks if t not in todo]
+    raw.mkdir(parents=True, exist_ok=True)
+    write_text(raw / STAMP, f"mdpd_vl synthetic shapes world v{GENERATOR_VERSION}, scale {scale}, seed {seed}\n")
     from tqdm import tqdm
 
-    bar = tqdm(total=len(steps) + len(TASK_DIRS), desc="shapes world", unit="step", disable=not progress,
-               file=sys.stderr)
-    for name, step in steps:
-        bar.set_postfix_str(name)
-        step()
-        bar.update()
-    (root / MARKER).unlink(missing_ok=True)
-    _remove_ours(raw)
-    partial.rename(raw)
-    for task, call in _prepare_calls(raw, root).items():
-        bar.set_postfix_str(f"index {task}")
-        call()
-        bar.update()
+    bar = tqdm(total=2 * len(todo), desc="shapes world", unit="step", disable=not progress, file=sys.stderr)
+    for task in todo:
+        _build_task(task, raw, root, SCALES[scale], seed, report, bar)
+        report.tasks.append(task)
+        report.seconds = round(report.seconds + time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        write_text(root / MARKER, json.dumps(asdict(report), indent=1))  # after each task: finished ones stay
     bar.close()
-    report.seconds = round(time.perf_counter() - t0, 2)
-    write_text(root / MARKER, json.dumps(asdict(report), indent=1))
     print(summary(report))
     return report
+
+
+def _build_task(task: str, raw: Path, root: Path, sc: Scale, seed: int, report: ShapesReport, bar: Any) -> None:
+    """Write `raw/<task>.partial/`, rename it to `raw/<task>/`, then build the task's indexes."""
+    partial, final = raw / f"{task}.partial", raw / task
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a killed build (inside our stamped raw folder)
+    partial.mkdir()
+    bar.set_postfix_str(f"{task} originals")
+    try:
+        WRITERS[task](partial, sc, seed, report)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays, whatever stopped us
+        raise
+    bar.update()
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    bar.set_postfix_str(f"{task} index")
+    _prepare(task, final, root)
+    bar.update()
 
 
 def summary(report: ShapesReport) -> str:
@@ -342,10 +396,14 @@ def summary(report: ShapesReport) -> str:
     return "\n".join(lines)
 
 
-def ensure_shapes(root: Path | str, scale: str = "default", seed: int = 0) -> Path:
-    """The shapes world in `root`, built first (with a progress bar) when absent; returns `root`."""
+def ensure_shapes(root: Path | str, scale: str = "default", seed: int = 0,
+                  tasks: Sequence[str] | None = None) -> Path:
+    """The shapes world of `tasks` (default: all) in `root`, built first (with a progress bar) where
+    absent; returns `root`. A recipe passes its own task: ITR builds images and captions only."""
     root = Path(root)
-    if _current(root, scale, seed) is None:
-        print(f"building the synthetic shapes world ({scale}, seed {seed}) in {root} ...", file=sys.stderr)
-        build_shapes(root, scale, seed, progress=True)
+    wanted = check_tasks(tasks)
+    if _current(root, scale, seed, wanted) is None:
+        print(f"building the synthetic shapes world ({scale}, seed {seed}; {', '.join(wanted)}) in {root} ...",
+              file=sys.stderr)
+        build_shapes(root, scale, seed, progress=True, tasks=wanted)
     return root

@@ -85,3 +85,45 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------- errors in the user's words
+def flag_overrides(args: Any, flags: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`--flag value` options as `key=value` overrides, and the label of each: what the user typed.
+
+    `flags` maps an argparse dest (`method`) to its config key (`method.name`). The labels let
+    `user_words` report `--method nonsense`, not a `--set method.name=nonsense` nobody wrote."""
+    overrides, labels = [], {}
+    for dest, key in flags.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        text = "true" if value is True else "false" if value is False else str(value)
+        overrides.append(f"{key}={text}")
+        option = "--" + dest.replace("_", "-")
+        labels[key] = option if isinstance(value, bool) else f"{option} {value}"
+    return overrides, labels
+
+
+def set_labels(overrides: Sequence[str]) -> dict[str, str]:
+    """Config key -> `--set key=value` for the user's own `--set` options."""
+    return {item.partition("=")[0].strip(): f"--set {item}" for item in overrides}
+
+
+def relabel(err: UserError, labels: Mapping[str, str]) -> UserError:
+    """`err` in the user's words: a config key that came from an option is named by that option.
+
+    An error the config loader attributed to a generated `--set key=value`, or one raised later
+    with only a field, gets the option the user typed as its place (and drops a field that merely
+    repeats the option's config key)."""
+    prefix = ": ".join(p for p in (err.where, err.field) if p)
+    message = str(err)[len(prefix) + 2:] if prefix else str(err)
+    key = err.field if err.field in labels else None
+    if key is None and err.where and err.where.startswith("--set "):
+        generated = err.where[len("--set "):].partition("=")[0].strip()
+        key = generated if generated in labels else None
+    if key is None or (err.where and not err.where.startswith("--set ")):
+        return err
+    if labels[key].startswith("--set "):
+        return UserError(message, where=labels[key], field=err.field)
+    return UserError(message, where=labels[key], field=None if err.field == key else err.field)

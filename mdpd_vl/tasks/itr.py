@@ -1,11 +1,13 @@
 """Image-text retrieval with VSE-infinity on any tuning method: `python -m mdpd_vl.tasks.itr`.
 
-With no arguments: the synthetic shapes world (built when absent), the offline pre-trained pair
-(EfficientNet-Lite0 + MiniLM), MDPD; trains on a CPU in minutes, evaluates the faded model and
-the side-kept one, exports the faded model and writes a model card. With `--dataset flickr30k`
-or `--dataset coco` it is the real recipe (data prepared by `data_prep/<dataset>.py`).
+With no arguments: the synthetic shapes world (its images and captions built when absent), the
+offline pre-trained pair (EfficientNet-Lite0 + MiniLM), MDPD; trains on a CPU in minutes, evaluates
+the faded model and the side-kept one, exports the faded model (both towers + preprocessing:
+`mdpd_vl.export.load_exported(folder).encode_images / encode_texts`) and writes a model card. With
+`--dataset flickr30k` or `--dataset coco` it is the real recipe (data from `data_prep/<dataset>.py`).
 
-Recipe: setup (config, data, backbones, method) -> train (one engine loop) -> evaluate -> export.
+Recipe: setup (config, backbones, method, data) -> train (one engine loop) -> evaluate -> export;
+the outputs (results.json, efficiency, card, summary with the time breakdown) come from the kit.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config, parse_name_list
 from mdpd_vl.engine.train import train
 from mdpd_vl.errors import UserError, cli_entry
-from mdpd_vl.heads.retrieval import DualTowerRetrieval, RetrievalConfig
-from mdpd_vl.tasks import common
+from mdpd_vl.heads.retrieval import RetrievalConfig
+from mdpd_vl.tasks import common, kit
 from mdpd_vl.tasks import itr_eval as ev
+from mdpd_vl.tasks.retrieval import DualTowerRetrieval
 from mdpd_vl.tuning.config import MethodConfig
 
 DATASETS = ("shapes", "flickr30k", "coco")
@@ -103,15 +106,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FLAGS = {"dataset": "data.dataset", "data_root": "data.root", "backbone": "backbone", "pretrained": "pretrained",
+         "method": "method.name", "output_dir": "output_dir", "cache_features": "data.cache_features"}
+
+
+def user_labels(args: argparse.Namespace) -> dict[str, str]:
+    """Config key -> the option the user typed for it (`--method nonsense`, `--set train.lr=1`)."""
+    return {**common.flag_overrides(args, FLAGS)[1], **common.set_labels(args.overrides)}
+
+
 def resolve_config(args: argparse.Namespace) -> ITRConfig:
-    """Defaults < dataset preset < --config file < flags < --set overrides."""
-    flags = {"dataset": "data.dataset", "data_root": "data.root", "backbone": "backbone",
-             "pretrained": "pretrained", "method": "method.name", "output_dir": "output_dir",
-             "cache_features": "data.cache_features"}
-    overrides = [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name) is not None]
+    """Defaults < dataset preset < --config file < flags < --set overrides; errors name the option."""
+    flags, _ = common.flag_overrides(args, FLAGS)
     dataset = args.dataset or "shapes"
-    preset = [] if args.config else DATASET_PRESETS[dataset]
-    return load_config(ITRConfig, args.config, [*preset, *overrides, *args.overrides])
+    preset = [] if args.config else DATASET_PRESETS.get(dataset, [])
+    try:
+        return load_config(ITRConfig, args.config, [*preset, *flags, *args.overrides])
+    except UserError as err:
+        raise common.relabel(err, user_labels(args)) from None
 
 
 def index_dir(cfg: ITRConfig) -> Path:
@@ -120,7 +132,7 @@ def index_dir(cfg: ITRConfig) -> Path:
     if cfg.data.dataset == "shapes":
         from mdpd_vl.data.shapes_world import TASK_DIRS, ensure_shapes
 
-        world = ensure_shapes(root / "shapes", cfg.data.shapes_scale, cfg.data.shapes_seed)
+        world = ensure_shapes(root / "shapes", cfg.data.shapes_scale, cfg.data.shapes_seed, tasks=["itr"])
         return world / TASK_DIRS["itr"]
     if cfg.data.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS)}", field="data.dataset")
@@ -150,16 +162,23 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
 
 def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
     """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
+    timings = kit.Timings()
     common.seed_everything(cfg.train.seed)
-    if cfg.data.dataset != "shapes":
-        index_dir(cfg)  # a missing real dataset is one line, before any backbone is loaded
-    model = build_model(cfg)  # bad names fail here, before the shapes world is built or anything is written
-    folder = index_dir(cfg)
+    with timings.phase("backbones + method"):
+        if cfg.data.dataset != "shapes":
+            index_dir(cfg)  # a missing real dataset is one line, before any backbone is loaded
+        model = build_model(cfg)  # bad names fail here, before the shapes world is built or anything is written
+    with timings.phase("data: shapes world / indexes"):
+        folder = index_dir(cfg)
     out = common.check_output_dir(output_dir or cfg.output_dir)
-    data = ev.RetrievalData.build(cfg, model, folder)
+    with timings.phase("data: feature cache" if ev.cache_is_exact(cfg) and cfg.data.cache_features else "data"):
+        data = ev.RetrievalData.build(cfg, model, folder)
+        if data.cached:  # the backbones never change: their eval-split features serve every evaluation
+            data.freeze_eval_inputs(ev.retriever(model, cfg))
     print(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
           f"{', cached frozen features' if data.cached else ''}")
-    before = ev.evaluate(model, data, False, cfg.data.folds)
+    with timings.phase("evaluation before training"):
+        before = ev.evaluate(ev.retriever(model, cfg), data, cfg.data.folds)
     steps_per_epoch = max(1, len(data.train_set) // cfg.train.batch_size)
 
     def step_fn(m: DualTowerRetrieval, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
@@ -171,24 +190,30 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         {"name": name, "params": params, **({"lr": lr} if (lr := _group_lr(cfg, name)) is not None else {})}
         for name, params in model.param_groups().items() if params
     ]
-    t0 = time.perf_counter()
-    result = train(model, step_fn, data.train_set, data.collate, groups, cfg.train, out / "train", resume="auto",
-                   config=dump_config(cfg))
-    train_seconds = time.perf_counter() - t0
-    metrics = ev.evaluate(model, data, False, cfg.data.folds)
-    metrics_side = ev.evaluate(model, data, True, cfg.data.folds) if model.is_mdpd else None
-    export_dir = ev.export(model, out / "export", cfg)
-    efficiency = ev.efficiency(model, data, cfg)
-    results = {
-        "task": "itr", "dataset": cfg.data.dataset, "split": cfg.data.eval_split, "method": cfg.method.name,
-        "backbone": cfg.backbone, "metrics": metrics, "metrics_side_kept": metrics_side,
-        "metrics_before_training": before, "efficiency": efficiency, "train_seconds": round(train_seconds, 1),
-        "train_steps": result.step, "cached_features": data.cached, "export_dir": str(export_dir),
-        "command": command, "config": dump_config(cfg),
-    }
+    with timings.phase("training"):
+        t0 = time.perf_counter()
+        result = train(model, step_fn, data.train_set, data.collate, groups, cfg.train, out / "train", resume="auto",
+                       config=dump_config(cfg))
+        train_seconds = time.perf_counter() - t0
+    with timings.phase("evaluation"):
+        deployed = ev.retriever(model, cfg)
+        metrics = ev.evaluate(deployed, data, cfg.data.folds)
+        side = ev.evaluate(ev.retriever(model, cfg, side_kept=True), data, cfg.data.folds) if model.is_mdpd else None
+    with timings.phase("export"):
+        export_dir = kit.export(deployed, out / "export")
+    with timings.phase("efficiency: memory + throughput"):
+        efficiency = ev.efficiency(model, data, cfg, deployed)
+    results = kit.results(
+        task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
+        backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
+        efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
+        config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
+        export_dir=str(export_dir) if export_dir else None,
+        feature_cache=str(data.cache_dir) if data.cache_dir else None)
     common.write_json(out / "results.json", results)
-    ev.write_card(out, results)
-    print(ev.summary_table(results))
+    card = ev.write_card(out, results, data)
+    where = kit.locations(out, export_dir, card, data.cache_dir)
+    print(kit.summary(results, ev.metrics_table(results), where))
     return results
 
 
@@ -203,7 +228,13 @@ def _group_lr(cfg: ITRConfig, group: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    command = common.command_line(argv, "mdpd_vl.tasks.itr")
+    try:
+        return _main(args, cfg, common.command_line(argv, "mdpd_vl.tasks.itr"))
+    except UserError as err:  # said in the user's words: the option they typed, not a config key
+        raise common.relabel(err, user_labels(args)) from None
+
+
+def _main(args: argparse.Namespace, cfg: ITRConfig, command: str) -> int:
     if args.print_config:
         from mdpd_vl.engine.config import atomic_write_text, config_to_yaml
 
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         mcfg = copy.deepcopy(cfg)
         mcfg.method = method
         rows.append(run(mcfg, command, Path(cfg.output_dir) / method.name))
-    ev.write_comparison(Path(cfg.output_dir), rows, command)
+    print(kit.write_comparison(Path(cfg.output_dir), rows, command))
     return 0
 
 

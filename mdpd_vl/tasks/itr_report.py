@@ -14,6 +14,7 @@ from typing import Any
 
 from mdpd_vl.cards import markdown_table
 from mdpd_vl.errors import UserError, cli_entry
+from mdpd_vl.tasks import kit
 
 
 def load_run(folder: str | Path) -> dict[str, Any]:
@@ -27,42 +28,13 @@ def load_run(folder: str | Path) -> dict[str, Any]:
 
 
 def row(label: str, r: dict[str, Any]) -> dict[str, Any]:
-    """One table row: deployed and side-kept Rsum, their ratio, memory, params, time."""
-    eff, m, s = r["efficiency"], r["metrics"], r.get("metrics_side_kept") or {}
-    side = s.get("rsum")
-    d = r["config"]["method"].get("distill", {})
-    return {
-        "run": label, "method": r["method"],
-        "backbone trains": d.get("backbone_trainable", "-") if r["method"] == "mdpd" else "-",
-        "Rsum deployed": m["rsum"], "Rsum side kept": side if side is not None else "-",
-        "deployed / side kept": round(m["rsum"] / side, 3) if side else "-",
-        "train mem (GiB)": round(eff["train_state_bytes"] / 2**30, 3),
-        "trainable (M)": round(eff["trainable_params"] / 1e6, 2), "train s": r["train_seconds"],
-    }
+    """One table row (the kit's `--compare` row with ITR's headline metric, Rsum)."""
+    return kit.compare_row(label, r, "rsum", "Rsum")
 
 
 def plot(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Scatter of the deployed model's Rsum against training memory, one labelled point per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for r in rows:
-        x, y = r["train mem (GiB)"], r["Rsum deployed"]
-        ax.scatter(x, y, s=40, color="tab:red" if r["method"] == "mdpd" else "tab:blue")
-        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if isinstance(r["Rsum side kept"], (int, float)):  # MDPD: the side path it dropped
-            ax.scatter(x, r["Rsum side kept"], s=30, marker="x", color="tab:gray")
-    ax.set_xscale("log")
-    ax.set_xlabel("training memory: train_state_bytes (GiB, log scale)")
-    ax.set_ylabel("Rsum of the deployed model (max 600)")
-    ax.set_title("Image-text retrieval: accuracy vs training memory (x: MDPD's side path)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """Rsum of the deployed model against training memory, one labelled point per row."""
+    kit.plot(path, rows, "Rsum", "Image-text retrieval: accuracy vs training memory (x: MDPD's side path)")
 
 
 def report(folders: list[str]) -> str:

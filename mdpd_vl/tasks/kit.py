@@ -1,0 +1,289 @@
+"""The task kit: what every task recipe produces after training, whatever its model is.
+
+A recipe assembles backbone + method + head + data + evaluator and trains with the engine; it then
+hands the kit a few small task-specific pieces (a training-step closure, timing callables, its
+metrics, its deployed model) and the kit writes the same outputs for every task:
+- `Timings`: wall and CPU seconds per phase of the run, printed at the end of every run;
+- `efficiency`: parameter counts, the memory bill of one real training step (`train_peak_bytes`,
+  `train_state_bytes`) and the throughput of the deployed model, the bare backbones and the
+  side-kept model, timed interleaved in this process;
+- `results`: the results.json record, one schema (`RESULT_KEYS`, `EFFICIENCY_KEYS`) for all tasks;
+- `export`: the deployed model through `mdpd_vl.export.export_task` (a plain backbone + head per part);
+- `write_card`: MODEL_CARD.md, whose "Use" snippet the recipe supplies (a test runs it);
+- `compare_row` / `write_comparison` / `plot`: the `--compare` table, JSON and chart;
+- `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mdpd_vl.atomic import write_text
+from mdpd_vl.cards import markdown_table, write_model_card
+from mdpd_vl.engine.memory import gib, measure_train_state
+from mdpd_vl.tasks import common
+
+RESULT_KEYS = ("task", "dataset", "split", "method", "backbone", "metrics", "metrics_side_kept",
+               "metrics_before_training", "efficiency", "train_seconds", "timings", "command", "config")
+EFFICIENCY_KEYS = ("trainable_params", "inference_params", "train_peak_bytes", "train_state_bytes", "infer_qps",
+                   "infer_qps_bare", "infer_qps_side_kept")
+
+
+# ----------------------------------------------------------------------------- time breakdown
+def _process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports), where /proc tells."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+@dataclass
+class Timings:
+    """Wall and process-CPU seconds per named phase; `startup` is the time before the recipe ran.
+
+    CPU seconds count every thread of the process, so on a machine shared with other jobs they show
+    the work a phase did even when its wall time was stretched by the others."""
+
+    startup_s: float | None = field(default_factory=_process_age)
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block; a phase entered twice accumulates."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            entry = self.phases.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+            entry["wall_s"] = round(entry["wall_s"] + time.perf_counter() - wall, 2)
+            entry["cpu_s"] = round(entry["cpu_s"] + time.process_time() - cpu, 2)
+
+    def record(self) -> dict[str, Any]:
+        """The `timings` entry of results.json."""
+        total = time.perf_counter() - self.started + (self.startup_s or 0.0)
+        return {"startup_s": None if self.startup_s is None else round(self.startup_s, 2),
+                "phases": {k: dict(v) for k, v in self.phases.items()}, "total_wall_s": round(total, 1),
+                "threads": torch.get_num_threads()}
+
+
+def timings_table(record: Mapping[str, Any]) -> str:
+    """Phase | wall s | share of the wall time | CPU s, with the start-up (imports) first."""
+    rows = []
+    total = record["total_wall_s"] or 1.0
+    if record.get("startup_s") is not None:
+        rows.append({"phase": "start-up (interpreter, imports)", "wall s": record["startup_s"],
+                     "share": f"{100 * record['startup_s'] / total:.0f}%", "CPU s": "-"})
+    for name, t in record["phases"].items():
+        rows.append({"phase": name, "wall s": t["wall_s"], "share": f"{100 * t['wall_s'] / total:.0f}%",
+                     "CPU s": t["cpu_s"]})
+    rows.append({"phase": "total", "wall s": record["total_wall_s"], "share": "100%", "CPU s": "-"})
+    return markdown_table(rows)
+
+
+# ----------------------------------------------------------------------------- efficiency
+@dataclass
+class TrainStep:
+    """One real training step, for the memory bill: `closure()` runs the forward on `inputs` (the
+    batch tensors, alive during the step) and returns the loss or a dict with "loss"."""
+
+    model: nn.Module
+    closure: Callable[[], Any]
+    params: Sequence[nn.Parameter]
+    inputs: Any
+    batch_size: int
+
+
+def efficiency(step: TrainStep, timed: Mapping[str, Callable[[], Any] | None], items: int, *,
+               trainable_params: int, inference_params: int, inference_params_side_kept: int | None = None,
+               rounds: int = 3) -> dict[str, Any]:
+    """The efficiency block of results.json.
+
+    `timed` maps `deployed`, `bare` (the untuned backbones' features: what fading must match) and
+    `side_kept` (None unless the method has a side network to drop) to callables that each process
+    `items` inputs; they are timed interleaved (`qps_interleaved`). The memory bill comes from one
+    real step at lr 0 (`measure_train_state`), so the weights stay as they are; it runs after the
+    evaluation and the export because a step may still move counters and running statistics."""
+    opt = torch.optim.AdamW(list(step.params), lr=0.0)
+    step.model.train()
+    bill = measure_train_state(step.model, step.closure, step.params, opt, step.inputs)
+    step.model.eval()
+    qps = qps_interleaved({k: v for k, v in timed.items() if v is not None}, items, rounds)
+    return {
+        "trainable_params": trainable_params, "inference_params": inference_params,
+        "inference_params_side_kept": inference_params_side_kept,
+        "train_peak_bytes": bill.get("train_peak_bytes"), "train_state_bytes": bill["train_state_bytes"],
+        "train_state_detail": bill, "measured_batch_size": step.batch_size,
+        "infer_qps": qps["deployed"], "infer_qps_bare": qps.get("bare"), "infer_qps_side_kept": qps.get("side_kept"),
+        "timed_items": items, "timing_rounds": rounds,
+    }
+
+
+@torch.no_grad()
+def qps_interleaved(calls: Mapping[str, Callable[[], Any]], items: int, rounds: int = 3) -> dict[str, float]:
+    """Items per second of each callable, timed in turn round after round (after one warm-up call
+    each); each keeps its median. Load that drifts during the measurement hits all of them alike,
+    so their ratios stay meaningful on a busy machine."""
+    for fn in calls.values():
+        fn()  # warm-up: first-call allocations, lazy initialisation
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(max(1, rounds)):
+        for name, fn in calls.items():
+            times[name].append(common.median_seconds(fn, repeats=1, warmup=0))
+    return {name: round(items / statistics.median(ts), 2) for name, ts in times.items()}
+
+
+# ----------------------------------------------------------------------------- results, export, card
+def results(*, task: str, dataset: str, split: str, method: str, backbone: str, metrics: dict[str, Any],
+            metrics_side_kept: dict[str, Any] | None, metrics_before_training: dict[str, Any] | None,
+            efficiency: dict[str, Any], train_seconds: float, timings: Timings, command: str,
+            config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The results.json record: `RESULT_KEYS` in order, then the recipe's `extra` entries."""
+    record = {"task": task, "dataset": dataset, "split": split, "method": method, "backbone": backbone,
+              "metrics": metrics, "metrics_side_kept": metrics_side_kept,
+              "metrics_before_training": metrics_before_training, "efficiency": efficiency,
+              "train_seconds": round(train_seconds, 1), "timings": timings.record(), "command": command,
+              "config": config}
+    return {**record, **extra}
+
+
+def export(deployed: Any, folder: Path) -> Path | None:
+    """Export the deployed task model when every part is a plain backbone + head, else None
+    (side-kept networks and unmergeable adapters change the backbone: there is nothing to fade)."""
+    from mdpd_vl.export import export_task
+
+    if not deployed.exportable():
+        return None
+    return export_task(deployed, folder)
+
+
+def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
+               metrics_table: str, use_snippet: str, data: str) -> Path:
+    """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table."""
+    eff = results["efficiency"]
+    rows = [{"trainable params": eff["trainable_params"], "inference params": eff["inference_params"],
+             "train peak": gib(eff["train_peak_bytes"]) if eff.get("train_peak_bytes") is not None else "-",
+             "train_state_bytes": gib(eff["train_state_bytes"]), "infer QPS": eff["infer_qps"],
+             "infer QPS bare": eff.get("infer_qps_bare") or "-",
+             "infer QPS side kept": eff.get("infer_qps_side_kept") or "-"}]
+    return write_model_card(out / "MODEL_CARD.md", {
+        "title": title, "task": task_words, "method": results["method"], "deployed_summary": deployed_summary,
+        "use_snippet": use_snippet, "data": data, "dataset": results["dataset"], "split": results["split"],
+        "metrics_table": metrics_table, "efficiency_table": markdown_table(rows),
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "command": results["command"],
+        "config": results["config"]})
+
+
+# ----------------------------------------------------------------------------- the end of a run
+def headline(results: Mapping[str, Any]) -> str:
+    """Trainable parameters, training memory (peak and state), training time, before-training metric."""
+    eff = results["efficiency"]
+    peak = eff.get("train_peak_bytes")
+    mem = (f"training memory: peak {gib(peak)}, " if peak is not None else "training memory: ") + \
+        f"train_state_bytes {gib(eff['train_state_bytes'])} (one step at batch {eff['measured_batch_size']})"
+    return (f"{results['method']} on {results['dataset']} ({results['split']}): trainable "
+            f"{eff['trainable_params'] / 1e6:.2f} M; {mem}; {results['train_seconds']} s training")
+
+
+def dir_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (0 when absent)."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def locations(run: Path, export_dir: Path | None, card: Path | None, cache: Path | None) -> list[tuple[str, str]]:
+    """(what, where) lines of the summary: run folder, export, model card, feature cache + its size."""
+    lines = [("run folder", f"{run}  (results.json, train/: metrics.jsonl, checkpoints)")]
+    lines.append(("export", f"{export_dir}  (mdpd_vl.export.load_exported(\"{export_dir}\"))" if export_dir
+                  else "(none: this method's deployed model is not a plain backbone + head)"))
+    if card is not None:
+        lines.append(("model card", str(card)))
+    if cache is not None and cache.is_dir():
+        lines.append(("feature cache", f"{cache}  ({_size(dir_bytes(cache))}; rebuilt when missing; delete with: "
+                                       f"rm -r {cache})"))
+    return lines
+
+
+def summary(results: Mapping[str, Any], metrics_table: str, where: list[tuple[str, str]]) -> str:
+    """The end-of-run text: headline, metrics table, time breakdown, where things are."""
+    width = max(len(k) for k, _ in where)
+    parts = [headline(results), metrics_table, "", "time breakdown (wall seconds; CPU seconds count every thread):",
+             timings_table(results["timings"]), "", "where things are:"]
+    parts += [f"  {k.ljust(width)}  {v}" for k, v in where]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- --compare
+def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str = "Rsum") -> dict[str, Any]:
+    """One `--compare` / report row: the headline metric deployed and side kept, their ratio, memory,
+    trainable parameters, training time (the training peak last: older results lack it)."""
+    eff, m, s = r["efficiency"], r["metrics"], r.get("metrics_side_kept") or {}
+    side = s.get(key)
+    d = r["config"]["method"].get("distill", {})
+    peak = eff.get("train_peak_bytes")
+    return {
+        "run": label, "method": r["method"],
+        "backbone trains": d.get("backbone_trainable", "-") if r["method"] == "mdpd" else "-",
+        f"{name} deployed": m[key], f"{name} side kept": side if side is not None else "-",
+        "deployed / side kept": round(m[key] / side, 3) if side else "-",
+        "train state (GiB)": round(eff["train_state_bytes"] / 2**30, 3),
+        "trainable (M)": round(eff["trainable_params"] / 1e6, 2), "train s": r["train_seconds"],
+        "train peak (GiB)": round(peak / 2**30, 3) if peak is not None else "-",
+    }
+
+
+def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title: str = "") -> None:
+    """The deployed model's headline metric against training memory (the peak where measured), one
+    labelled point per row; the dropped side path as a grey cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak = all(isinstance(r["train peak (GiB)"], (int, float)) for r in rows)
+    xkey = "train peak (GiB)" if peak else "train state (GiB)"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for r in rows:
+        x, y = r[xkey], r[f"{name} deployed"]
+        ax.scatter(x, y, s=40, color="tab:red" if r["method"] == "mdpd" else "tab:blue")
+        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if isinstance(r[f"{name} side kept"], (int, float)):
+            ax.scatter(x, r[f"{name} side kept"], s=30, marker="x", color="tab:gray")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"training memory: {'peak live bytes' if peak else 'train_state_bytes'} of one step (GiB, log)")
+    ax.set_ylabel(f"{name} of the deployed model")
+    ax.set_title(title or f"{name} vs training memory (x: MDPD's side path)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
+                     name: str = "Rsum") -> str:
+    """compare.md (one table for all methods), compare.json and compare.png; returns the table text."""
+    table = [compare_row(r["method"], r, key, name) for r in runs]
+    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "compare.md", text)
+    common.write_json(folder / "compare.json", {"command": command, "rows": table})
+    plot(folder / "compare.png", table, name)
+    return text
