@@ -5,6 +5,8 @@ Layout: `<run_dir>/checkpoints/step-00000120/` with
   stored: the caller rebuilds them, e.g. from the pre-trained backbone);
 - `state.pt`: optimizer, scheduler, data position and run facts (read with `weights_only=True`);
 - `rng-<rank>.pt`: python / numpy / torch (/ cuda) RNG states of each process, as tensors and lists.
+Several processes: the main process writes all of it (the RNG states are gathered to it); the
+others never write into the run folder.
 A checkpoint is written into a hidden temp folder and renamed into place, so a folder named
 `step-*` is always complete; a run killed while saving leaves the previous one intact, and the next
 save removes the leftover temp folder. Only finite weights are saved (`NonFiniteError` otherwise),
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdpd_vl import atomic
+from mdpd_vl import atomic, dist
 from mdpd_vl.engine.config import TrainConfig, atomic_write_text, dump_config
 from mdpd_vl.errors import UserError
 
@@ -354,18 +356,16 @@ def save_checkpoint(
     position: Mapping[str, int],
     meta: Mapping[str, Any],
     rank: int = 0,
-    barrier: Callable[[], None] = lambda: None,
     keep: int = 1,
 ) -> Path:
-    """Write checkpoint `step` atomically (every rank calls this; rank 0 writes the shared parts).
+    """Write checkpoint `step` atomically. Every process calls this; the main process alone writes,
+    with every process's RNG state (`rng-<rank>.pt`, gathered), while the others wait.
 
-    Refuses non-finite weights (`NonFiniteError`, every rank alike: the weights are the same on all).
-    A failed write removes the temp folder and raises a `WriteError` naming the bytes needed."""
-    from safetensors.torch import save as st_save
-
+    Refuses non-finite weights (`NonFiniteError`, every process alike: the weights are the same on
+    all). A failed write removes the temp folder and raises a `WriteError` naming the bytes needed
+    (on the main process; the others stop with its exit status)."""
     root = run_dir / CKPT_SUBDIR
     final = root / f"step-{step:08d}"
-    tmp, old = root / f".tmp-step-{step:08d}", root / f".old-step-{step:08d}"
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_tensors(model, trainable).items()}
     bad, total, first = non_finite(tensors)
     if bad:
@@ -376,42 +376,51 @@ def save_checkpoint(
             where=str(run_dir),
             field="weights",
         )
-    blobs = {f"rng-{rank}.pt": _serialise(rng_state())}
-    if rank == 0:
-        blobs["model.safetensors"] = st_save(tensors)
-        blobs["state.pt"] = _serialise({
-            "format": FORMAT,
-            "version": VERSION,
-            "position": dict(position),
-            "meta": dict(meta),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        })
-    if rank == 0:
-        try:
-            root.mkdir(exist_ok=True)
-            remove_partial(run_dir)
-            tmp.mkdir()
-        except OSError as err:
-            raise atomic.write_error(err, tmp, sum(map(len, blobs.values()))) from None
-    barrier()
+    rngs = dist.all_gather_object(rng_state())  # rank order; [this process's] alone
+    state = {"format": FORMAT, "version": VERSION, "position": dict(position), "meta": dict(meta),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    dist.on_main(_write_checkpoint, run_dir, final, tensors, state, rngs, keep)
+    return final
+
+
+def _write_checkpoint(run_dir: Path, final: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                      rngs: list[Any], keep: int) -> None:
+    """Write into a hidden temp folder, rename it into place, then drop all but the `keep` newest."""
+    from safetensors.torch import save as st_save
+
+    root = final.parent
+    tmp, old = root / f".tmp-{final.name}", root / f".old-{final.name}"
+    blobs = {"model.safetensors": st_save(tensors), "state.pt": _serialise(state)}
+    blobs.update({f"rng-{r}.pt": _serialise(rng) for r, rng in enumerate(rngs)})
     try:
+        root.mkdir(exist_ok=True)
+        remove_partial(run_dir)
+        tmp.mkdir()
         for name, blob in blobs.items():
             _write_file(tmp / name, blob)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise atomic.write_error(err, final, sum(map(len, blobs.values()))) from None
-    barrier()
-    if rank == 0:
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            os.replace(final, old)
-        os.replace(tmp, final)
-        atomic.fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        for stale in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    barrier()
-    return final
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        os.replace(final, old)
+    os.replace(tmp, final)
+    atomic.fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def tensors_digest(model: nn.Module, trainable: Mapping[str, nn.Parameter]) -> str:
+    """sha1 of what a checkpoint stores of the model (names, shapes, bytes): equal across processes
+    that are in step."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(model_tensors(model, trainable).items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_file(path: Path, blob: bytes) -> None:

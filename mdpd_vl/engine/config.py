@@ -486,6 +486,11 @@ class TrainConfig:
         default="cosine", metadata={"help": "decay after warmup, to 0 at the last step"}
     )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr_scaling: Literal["none", "linear"] = field(
+        default="none",
+        metadata={"help": "none: the lr as given for any number of processes; linear: every group's lr x "
+                          "processes (global batch / (batch_size x grad_accum))"},
+    )
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "clip the global grad norm; null = off"}
     )

@@ -9,12 +9,24 @@ Runs on `accelerate` (CPU, one GPU, or several processes started by `torchrun` /
 - Gradients are reset with `zero_grad(set_to_none=True)`, so a parameter whose `.grad` stays None in
   a step (it took no part in the loss) is **not** updated: AdamW skips it entirely, no moment decay,
   no weight decay. `schedule: alternate` (side step / backbone step) relies on this.
-- Several processes: the model is not wrapped in DDP (step_fn may call any method of it); the
-  gradients are averaged across processes after each accumulation window instead, and rank 0's
-  floating buffers (BatchNorm statistics) are copied to all ranks after each step, as DDP does.
-- Data order: process `rank` reads the permutation seeded by `seed + epoch`, strided by the number
-  of processes; every epoch has the same number of full accumulation windows (the leftover samples
-  of a permutation are skipped), so a checkpoint's (epoch, batch) says exactly what was consumed.
+- Several processes (`mdpd_vl.dist`): the model is not wrapped in DDP (step_fn may call any method of
+  it); the gradients are averaged across processes after each accumulation window instead, and rank
+  0's floating buffers are copied to all ranks after each step, as DDP does. BatchNorm layers compute
+  their training statistics over the global batch (`dist.synced_batchnorm`), and in-batch losses
+  gather the global batch themselves (`dist.gather_batch`), so N processes with `batch_size` B/N
+  train what one process with B trains. Only the main process writes into the run folder
+  (checkpoints, with every process's RNG state, metrics, config.json); `eval_fn` runs on the main
+  process only while the others wait.
+- Batch and learning rate: `batch_size` is per process and micro-batch; the global batch of an
+  optimizer step is batch_size x grad_accum x processes (`batch_facts`). `lr_scaling: none` keeps
+  every group's lr whatever the number of processes; `linear` multiplies it by the number of
+  processes (the linear scaling rule, for a per-process batch kept as is).
+- Data order: the permutation seeded by `seed + epoch` is cut into global micro-batches of
+  batch_size x processes samples, and process `rank` reads the rank-th slice of each, so the
+  gathered global batch is, in order, the one-process batch of the same global size. Every epoch has
+  the same number of full accumulation windows (the leftover samples of a permutation are skipped),
+  so a checkpoint's (epoch, batch) says exactly what was consumed. A dataset with `set_epoch(epoch)`
+  (`IndexDataset`: which caption is drawn) is told the epoch before each epoch's loader is made.
 - A fresh start (`resume=None`) in a folder that holds checkpoints is refused (UserError).
 - Exact resume (CPU, same settings): model, optimizer, scheduler, RNG and data position are restored;
   with worker processes each sample is loaded under a seed derived from (seed, epoch, index).
@@ -44,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mdpd_vl import dist
 from mdpd_vl.engine import checkpoint as ckpt
 from mdpd_vl.engine.config import TrainConfig
 from mdpd_vl.errors import UserError
@@ -63,7 +76,9 @@ class NonFiniteLossError(ckpt.NonFiniteError):
 
 @dataclass
 class TrainResult:
-    """What a `train` call did. `losses` holds the mean loss of each optimizer step run by this call."""
+    """What a `train` call did. `losses` holds the mean loss of each optimizer step run by this call
+    (averaged over processes). `batch` is `batch_facts`; `weights_digests` holds one sha1 of the final
+    trained tensors per process (several processes only; all equal unless they fell out of step)."""
 
     step: int
     epoch: int
@@ -73,6 +88,8 @@ class TrainResult:
     checkpoint: Path | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    batch: dict[str, Any] = field(default_factory=dict)
+    weights_digests: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -97,6 +114,28 @@ def lr_multiplier(step: int, *, total: int, warmup: int, schedule: str) -> float
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
     """`cfg.warmup_steps` if set, else `round(cfg.warmup_ratio * total)`."""
     return cfg.warmup_steps or round(cfg.warmup_ratio * total)
+
+
+def lr_factor(cfg: TrainConfig, world: int) -> float:
+    """What every group's lr is multiplied by on `world` processes (`cfg.lr_scaling`)."""
+    return float(world) if cfg.lr_scaling == "linear" else 1.0
+
+
+def batch_facts(cfg: TrainConfig, world: int | None = None) -> dict[str, Any]:
+    """Per-process batch, processes, global batch and the lr rule of a run on `world` processes
+    (default: this run's); the `training` entry of results.json."""
+    world = dist.world_size() if world is None else world
+    per_process = cfg.batch_size * cfg.grad_accum
+    return {"processes": world, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "per_process_batch": per_process, "global_batch": per_process * world,
+            "lr_scaling": cfg.lr_scaling, "lr_factor": lr_factor(cfg, world)}
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig, world: int | None = None) -> int:
+    """Optimizer steps of one epoch over `n` samples on `world` processes (default: this run's);
+    0 when one step cannot be filled. What a step_fn needs to know the epoch of step `step`."""
+    world = dist.world_size() if world is None else world
+    return n // (cfg.batch_size * world) // cfg.grad_accum
 
 
 def _require(ok: bool, message: str) -> None:
@@ -150,11 +189,25 @@ def build_scheduler(
 def epoch_batches(
     n: int, *, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1
 ) -> list[list[int]]:
-    """Index batches of one epoch for process `rank`: the permutation seeded by `seed + epoch`,
-    cut to a multiple of `world`, strided by rank, in full batches only."""
+    """Index batches of one epoch for process `rank`: the permutation seeded by `seed + epoch` in
+    global micro-batches of `batch_size x world`, full ones only, of which `rank` reads slice `rank`
+    (concatenated in rank order they are the one-process batches of size `batch_size x world`)."""
     gen = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=gen)[: n - n % world][rank::world].tolist()
-    return [perm[i : i + batch_size] for i in range(0, len(perm) - batch_size + 1, batch_size)]
+    perm = torch.randperm(n, generator=gen).tolist()
+    size = batch_size * world
+    lo = rank * batch_size
+    return [perm[i + lo : i + lo + batch_size] for i in range(0, n - size + 1, size)]
+
+
+def _set_epoch(dataset: Any, epoch: int) -> None:
+    """`set_epoch(epoch)` on the dataset, or on the one a wrapper (`Subset`) holds."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if dataset is None:
+            return
+        if callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)
 
 
 class _SeededItems(torch.utils.data.Dataset):
@@ -179,19 +232,14 @@ class _SeededItems(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _has_accelerator() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
-
-
 def _make_accelerator() -> Any:
     from accelerate import Accelerator
 
+    dist.init()  # the recipe may have joined the process group already (main_first before training)
     # cpu=True is what makes accelerate honour torchrun's env (MULTI_CPU + gloo) on a machine without GPU.
     # Mixed precision is applied here (autocast around step_fn), not through AcceleratorState, which
     # refuses a second, different setting in the same process.
-    return Accelerator(cpu=not _has_accelerator())
+    return Accelerator(cpu=not dist.has_accelerator())
 
 
 def _resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -272,11 +320,20 @@ def train(
     compared key by key on resume; `resume_free` adds fnmatch patterns of its keys that a resume may
     change (besides `checkpoint.RESUME_FREE`).
     `resume`: 'auto' (resume when run_dir has a checkpoint), True (must), a checkpoint path, or None.
-    `eval_fn(model, step) -> {name: float}` runs every `cfg.eval_every` steps and at the end.
+    `eval_fn(model, step) -> {name: float}` runs every `cfg.eval_every` steps and at the end, on the
+    main process only (the others wait; their `eval_metrics` stay empty).
     """
     t0 = time.perf_counter()
     free = (*ckpt.RESUME_FREE, *resume_free)
-    run = _Run(model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config, free)
+    with dist.synced_batchnorm(model):
+        run = _Run(model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config, free)
+        _loop(run, eval_fn, progress)
+    run.result.wall_seconds = time.perf_counter() - t0
+    return run.result
+
+
+def _loop(run: _Run, eval_fn: EvalFn | None, progress: bool) -> None:
+    cfg = run.cfg
     run.open_progress(progress)
     try:
         for batches in run.data_windows():
@@ -295,10 +352,9 @@ def train(
             run.evaluate(eval_fn)
         if run.result.checkpoint != run.ckpt_path(run.done):
             run.save()
+        run.check_in_step()
     finally:
         run.close()
-    run.result.wall_seconds = time.perf_counter() - t0
-    return run.result
 
 
 class _Run:
@@ -306,17 +362,20 @@ class _Run:
 
     def __init__(self, model, step_fn, dataset, collate_fn, param_groups, cfg, run_dir, resume, config, free):
         start_from = ckpt.resolve_resume(Path(run_dir), resume)  # before anything is created on disk
-        self.run_dir = ckpt.check_run_dir(run_dir)
         self.acc = _make_accelerator()
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        self.run_dir = Path(run_dir)
+        dist.on_main(ckpt.check_run_dir, run_dir)  # one writer: the others wait until it exists
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
         self.dataset, self.collate_fn = dataset, collate_fn
         model.to(self.device)
         self.optimizer, self.trainable = build_optimizer(model, param_groups, cfg)
+        for g in self.optimizer.param_groups:  # before the scheduler records each group's peak lr
+            g["lr"] *= lr_factor(cfg, self.world)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.group_names = [g["name"] for g in self.optimizer.param_groups]
         n = len(dataset)
-        self.windows = (n // self.world // cfg.batch_size) // cfg.grad_accum  # optimizer steps per epoch
+        self.windows = steps_per_epoch(n, cfg, self.world)
         if self.windows == 0:
             need = cfg.batch_size * cfg.grad_accum * self.world
             raise UserError(
@@ -357,6 +416,7 @@ class _Run:
         if self.acc.is_main_process:
             facts = {
                 "world_size": self.world,
+                "batch": batch_facts(cfg, self.world),
                 "mixed_precision": precision,
                 "total_steps": self.total,
                 "device": str(self.device),
@@ -368,7 +428,8 @@ class _Run:
         resumed = self.pos["step"] if start_from is not None else None
         self.metrics = ckpt.MetricsLog(self.run_dir, self.acc.is_main_process, resumed)
         self.result = TrainResult(
-            step=self.done, epoch=self.pos["epoch"], resumed_from=resumed, checkpoint=start_from
+            step=self.done, epoch=self.pos["epoch"], resumed_from=resumed, checkpoint=start_from,
+            batch=batch_facts(cfg, self.world),
         )
         self.bar: Any = None
         self.window: dict[str, list[float]] = {}
@@ -423,6 +484,7 @@ class _Run:
     def _epoch_loader(self) -> Iterable[Any]:
         """The rest of the current epoch: its batches from position `pos['batch']` on."""
         cfg, epoch = self.cfg, self.pos["epoch"]
+        _set_epoch(self.dataset, epoch)  # before the loader: worker processes copy the dataset
         batches = epoch_batches(
             len(self.dataset),
             epoch=epoch,
@@ -494,10 +556,21 @@ class _Run:
             self.window, self.t_log, self.since_log = {}, time.perf_counter(), 0
 
     def evaluate(self, eval_fn: EvalFn) -> None:
-        values = {f"eval/{k}": float(v) for k, v in eval_fn(self.model, self.done).items()}
-        self.result.eval_metrics = values
-        self.metrics.write(self.done, values)
+        """`eval_fn` on the main process (the others wait), logged there."""
+        got = dist.on_main(eval_fn, self.model, self.done)
+        if got is not None:
+            values = {f"eval/{k}": float(v) for k, v in got.items()}
+            self.result.eval_metrics = values
+            self.metrics.write(self.done, values)
         self.model.train()
+
+    def check_in_step(self) -> None:
+        """Several processes: one digest of the trained tensors each, compared (a bug would let them drift)."""
+        if self.world == 1:
+            return
+        self.result.weights_digests = dist.all_gather_object(ckpt.tensors_digest(self.model, self.trainable))
+        if len(set(self.result.weights_digests)) > 1:
+            log.error("the processes ended with different weights (digests %s)", self.result.weights_digests)
 
     def ckpt_path(self, step: int) -> Path:
         return self.run_dir / ckpt.CKPT_SUBDIR / f"step-{step:08d}"
@@ -510,7 +583,6 @@ class _Run:
             position=self.pos,
             meta=self.meta,
             rank=self.rank,
-            barrier=self.acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints,
         )
 
