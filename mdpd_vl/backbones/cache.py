@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from mdpd_vl import dist
 from mdpd_vl.atomic import tensor_bytes, write_with
 from mdpd_vl.backbones.base import Backbone, Precomputed
 
@@ -100,18 +101,22 @@ def cached_features(backbone: Backbone, batches: Iterable[Any], folder: str | Pa
     """Load the features for (backbone, data) from `folder`, computing and saving them when absent.
 
     Returns (store, hit). With `folder=None` the features are computed and kept in memory only.
+    Several processes: the main one computes and writes the file first, the others then read it
+    (one that does not see it computes in memory and writes nothing).
     """
     if folder is None:
         return compute_features(backbone, batches, total, desc), False
     path = Path(folder) / f"features-{cache_key(backbone, data)}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        n = sum(1 for k in tensors if k.startswith("layer"))
-        return FeatureStore([tensors[f"layer{i}"] for i in range(n)], tensors.get("mask")), True
-    store = compute_features(backbone, batches, total, desc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer{i}": t.contiguous() for i, t in enumerate(store.layers)}
-    if store.mask is not None:
-        tensors["mask"] = store.mask.contiguous()
-    write_with(path, lambda tmp: save_file(tensors, tmp), tensor_bytes(tensors))  # atomic; full disk: one line
-    return store, False
+    with dist.main_first():
+        if path.is_file():
+            tensors = load_file(str(path))
+            n = sum(1 for k in tensors if k.startswith("layer"))
+            return FeatureStore([tensors[f"layer{i}"] for i in range(n)], tensors.get("mask")), True
+        store = compute_features(backbone, batches, total, desc)
+        if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {f"layer{i}": t.contiguous() for i, t in enumerate(store.layers)}
+            if store.mask is not None:
+                tensors["mask"] = store.mask.contiguous()
+            write_with(path, lambda tmp: save_file(tensors, tmp), tensor_bytes(tensors))  # atomic; full disk: one line
+        return store, False

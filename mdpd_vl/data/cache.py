@@ -2,7 +2,8 @@
 
 The cache folder is the one given, else `$MDPD_CACHE`; with neither the cache is off (nothing is
 ever written to a home folder behind the user's back). Entries are `.npz` files written atomically,
-so a crash or two workers writing the same entry never leave a half-written file behind.
+so a crash or two workers writing the same entry never leave a half-written file behind. With
+several processes only the main one (and its loader workers) writes entries; every process reads them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mdpd_vl import dist
 from mdpd_vl.atomic import write_bytes
 
 ENV = "MDPD_CACHE"
@@ -67,8 +69,9 @@ class ArrayCache:
         return out
 
     def put(self, path: str | Path, params: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Store `arrays` for (path, params); a no-op when the cache is off."""
-        if self.dir is None:
+        """Store `arrays` for (path, params); a no-op when the cache is off or on a process that is
+        not the main one (one writer of shared state)."""
+        if self.dir is None or not dist.is_main():
             return
         f = self._file(self.key(path, params))
         f.parent.mkdir(parents=True, exist_ok=True)

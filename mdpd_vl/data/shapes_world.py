@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mdpd_vl import dist
 from mdpd_vl.atomic import guard_writes, write_text
 from mdpd_vl.data import shapes_formats as fmt
 from mdpd_vl.data.shapes_qa import questions
@@ -399,11 +400,16 @@ def summary(report: ShapesReport) -> str:
 def ensure_shapes(root: Path | str, scale: str = "default", seed: int = 0,
                   tasks: Sequence[str] | None = None) -> Path:
     """The shapes world of `tasks` (default: all) in `root`, built first (with a progress bar) where
-    absent; returns `root`. A recipe passes its own task: ITR builds images and captions only."""
+    absent; returns `root`. A recipe passes its own task: ITR builds images and captions only.
+    Several processes: the main one builds, the others wait and then read it."""
     root = Path(root)
     wanted = check_tasks(tasks)
-    if _current(root, scale, seed, wanted) is None:
-        print(f"building the synthetic shapes world ({scale}, seed {seed}; {', '.join(wanted)}) in {root} ...",
-              file=sys.stderr)
-        build_shapes(root, scale, seed, progress=True, tasks=wanted)
+    with dist.main_first():
+        if _current(root, scale, seed, wanted) is None:
+            if not dist.is_main():
+                raise UserError("the main process built the shapes world here, but this process does not see it: "
+                                "the data root must be on a filesystem every process reads", where=str(root))
+            print(f"building the synthetic shapes world ({scale}, seed {seed}; {', '.join(wanted)}) in {root} ...",
+                  file=sys.stderr)
+            build_shapes(root, scale, seed, progress=True, tasks=wanted)
     return root

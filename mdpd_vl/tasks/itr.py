@@ -24,7 +24,7 @@ import torch
 from mdpd_vl.atomic import check_paths
 from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config, parse_name_list
-from mdpd_vl.engine.train import train
+from mdpd_vl.engine.train import steps_per_epoch, train
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.heads.retrieval import RetrievalConfig
 from mdpd_vl.tasks import common, kit
@@ -160,8 +160,12 @@ def build_model(cfg: ITRConfig) -> DualTowerRetrieval:
     return DualTowerRetrieval(apply_method(image_bb, head, cfg.method), apply_method(text_bb, head, cfg.method), r)
 
 
-def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
-    """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
+def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[str, Any] | None:
+    """Train, evaluate, export one method; returns the results dict (also written to results.json).
+
+    Several processes (`torchrun` / `accelerate launch`): all of them train; the main one alone
+    builds what is shared (shapes world, feature cache, run folder), evaluates, times, exports and
+    writes, while the others wait (they return None)."""
     timings = kit.Timings()
     common.seed_everything(cfg.train.seed)
     with timings.phase("backbones + method"):
@@ -170,19 +174,19 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         model = build_model(cfg)  # bad names fail here, before the shapes world is built or anything is written
     with timings.phase("data: shapes world / indexes"):
         folder = index_dir(cfg)
-    out = common.check_output_dir(output_dir or cfg.output_dir)
+    out = kit.output_dir(output_dir or cfg.output_dir)
     with timings.phase("data: feature cache" if ev.cache_is_exact(cfg) and cfg.data.cache_features else "data"):
         data = ev.RetrievalData.build(cfg, model, folder)
         if data.cached:  # the backbones never change: their eval-split features serve every evaluation
-            data.freeze_eval_inputs(ev.retriever(model, cfg))
-    print(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
-          f"{', cached frozen features' if data.cached else ''}")
+            kit.on_main(lambda: data.freeze_eval_inputs(ev.retriever(model, cfg)))
+    kit.show(f"itr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} pairs), backbone {cfg.backbone}"
+             f"{', cached frozen features' if data.cached else ''}")
     with timings.phase("evaluation before training"):
-        before = ev.evaluate(ev.retriever(model, cfg), data, cfg.data.folds)
-    steps_per_epoch = max(1, len(data.train_set) // cfg.train.batch_size)
+        before = kit.on_main(lambda: ev.evaluate(ev.retriever(model, cfg), data, cfg.data.folds))
+    per_epoch = max(1, steps_per_epoch(len(data.train_set), cfg.train))  # optimizer steps, all processes
 
     def step_fn(m: DualTowerRetrieval, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        m.epoch = step // steps_per_epoch  # VSE-infinity: all negatives first, hardest after
+        m.epoch = step // per_epoch  # VSE-infinity: all negatives first, hardest after
         losses = m.losses(batch["image"], batch["text"], batch["image_index"])
         return {"loss": sum(losses.values()), **losses}
 
@@ -195,6 +199,12 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         result = train(model, step_fn, data.train_set, data.collate, groups, cfg.train, out / "train", resume="auto",
                        config=dump_config(cfg))
         train_seconds = time.perf_counter() - t0
+    return kit.on_main(_finish, cfg, command, model, data, out, before, result, train_seconds, timings)
+
+
+def _finish(cfg: ITRConfig, command: str, model: DualTowerRetrieval, data: ev.RetrievalData, out: Path,
+            before: dict[str, float], result: Any, train_seconds: float, timings: kit.Timings) -> dict[str, Any]:
+    """After training, on the main process: evaluate, export, measure, write results.json + card, summary."""
     with timings.phase("evaluation"):
         deployed = ev.retriever(model, cfg)
         metrics = ev.evaluate(deployed, data, cfg.data.folds)
@@ -207,13 +217,13 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
         backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
         efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
-        config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
+        config=dump_config(cfg), train_result=result, train_steps=result.step, cached_features=data.cached,
         export_dir=str(export_dir) if export_dir else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
-    common.write_json(out / "results.json", results)
+    kit.write_results(out, results)
     card = ev.write_card(out, results, data)
     where = kit.locations(out, export_dir, card, data.cache_dir)
-    print(kit.summary(results, ev.metrics_table(results), where))
+    kit.show(kit.summary(results, ev.metrics_table(results), where))
     return results
 
 
@@ -252,7 +262,7 @@ def _main(args: argparse.Namespace, cfg: ITRConfig, command: str) -> int:
         mcfg = copy.deepcopy(cfg)
         mcfg.method = method
         rows.append(run(mcfg, command, Path(cfg.output_dir) / method.name))
-    print(kit.write_comparison(Path(cfg.output_dir), rows, command))
+    kit.show(kit.write_comparison(Path(cfg.output_dir), rows, command))
     return 0
 
 

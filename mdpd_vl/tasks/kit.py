@@ -12,6 +12,13 @@ metrics, its deployed model) and the kit writes the same outputs for every task:
 - `write_card`: MODEL_CARD.md, whose "Use" snippet the recipe supplies (a test runs it);
 - `compare_row` / `write_comparison` / `plot`: the `--compare` table, JSON and chart;
 - `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are.
+
+Several processes (`torchrun` / `accelerate launch`, see `mdpd_vl.dist`): one writer. A recipe
+creates its run folder with `output_dir` and runs everything after training through `on_main`
+(evaluation, efficiency timing, export, results.json, card, summary): the main process does it while
+the others wait, and `show` prints on the main process only. `export`, `write_card`,
+`write_results` and `write_comparison` write on the main process whoever calls them. `results`
+records how many processes trained and their batches (`training`).
 """
 
 from __future__ import annotations
@@ -28,15 +35,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from mdpd_vl import dist
 from mdpd_vl.atomic import write_text
 from mdpd_vl.cards import markdown_table, write_model_card
+from mdpd_vl.engine.config import TrainConfig
 from mdpd_vl.engine.memory import gib, measure_train_state
+from mdpd_vl.engine.train import batch_facts
 from mdpd_vl.tasks import common
 
 RESULT_KEYS = ("task", "dataset", "split", "method", "backbone", "metrics", "metrics_side_kept",
-               "metrics_before_training", "efficiency", "train_seconds", "timings", "command", "config")
+               "metrics_before_training", "efficiency", "train_seconds", "training", "timings", "command",
+               "config")
 EFFICIENCY_KEYS = ("trainable_params", "inference_params", "train_peak_bytes", "train_state_bytes", "infer_qps",
                    "infer_qps_bare", "infer_qps_side_kept")
+
+
+# ----------------------------------------------------------------------------- several processes
+on_main = dist.on_main  # fn on the main process only; the others wait (and get None)
+show = dist.show  # print on the main process only
+
+
+def output_dir(path: str | Path) -> Path:
+    """The run folder, created (and proven writable) by the main process while the others wait."""
+    dist.on_main(common.check_output_dir, path)
+    return Path(path)
+
+
+def training(config: Mapping[str, Any], train_result: Any = None) -> dict[str, Any]:
+    """The `training` entry of results.json: processes, per-process batch (`batch_size` x
+    `grad_accum`), global batch and the lr rule (`train.lr_scaling`), from the engine's result when
+    given (with one weights digest per process), else from the config's `train` section."""
+    if train_result is not None and getattr(train_result, "batch", None):
+        facts = dict(train_result.batch)
+    else:
+        known = set(TrainConfig.__dataclass_fields__)
+        facts = batch_facts(TrainConfig(**{k: v for k, v in (config.get("train") or {}).items() if k in known}))
+    digests = list(getattr(train_result, "weights_digests", None) or [])
+    if digests:
+        facts["weights_in_sync"] = len(set(digests)) == 1
+        facts["weights_digests"] = digests
+    return facts
 
 
 # ----------------------------------------------------------------------------- time breakdown
@@ -150,14 +188,21 @@ def qps_interleaved(calls: Mapping[str, Callable[[], Any]], items: int, rounds: 
 def results(*, task: str, dataset: str, split: str, method: str, backbone: str, metrics: dict[str, Any],
             metrics_side_kept: dict[str, Any] | None, metrics_before_training: dict[str, Any] | None,
             efficiency: dict[str, Any], train_seconds: float, timings: Timings, command: str,
-            config: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The results.json record: `RESULT_KEYS` in order, then the recipe's `extra` entries."""
+            config: dict[str, Any], train_result: Any = None, **extra: Any) -> dict[str, Any]:
+    """The results.json record: `RESULT_KEYS` in order, then the recipe's `extra` entries.
+    `train_result` (the engine's `TrainResult`) fills `training` with what the engine ran."""
     record = {"task": task, "dataset": dataset, "split": split, "method": method, "backbone": backbone,
               "metrics": metrics, "metrics_side_kept": metrics_side_kept,
               "metrics_before_training": metrics_before_training, "efficiency": efficiency,
-              "train_seconds": round(train_seconds, 1), "timings": timings.record(), "command": command,
-              "config": config}
+              "train_seconds": round(train_seconds, 1), "training": training(config, train_result),
+              "timings": timings.record(), "command": command, "config": config}
     return {**record, **extra}
+
+
+def write_results(out: Path, record: Mapping[str, Any]) -> Path:
+    """`out/results.json` (atomic), written by the main process."""
+    dist.on_main(common.write_json, out / "results.json", record)
+    return out / "results.json"
 
 
 def export(deployed: Any, folder: Path) -> Path | None:
@@ -167,12 +212,20 @@ def export(deployed: Any, folder: Path) -> Path | None:
 
     if not deployed.exportable():
         return None
-    return export_task(deployed, folder)
+    dist.on_main(export_task, deployed, folder)  # one writer; the others get the same path
+    return Path(folder)
 
 
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
                metrics_table: str, use_snippet: str, data: str) -> Path:
     """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table."""
+    dist.on_main(_write_card, out, results, title=title, task_words=task_words, deployed_summary=deployed_summary,
+                 metrics_table=metrics_table, use_snippet=use_snippet, data=data)
+    return out / "MODEL_CARD.md"
+
+
+def _write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
+                metrics_table: str, use_snippet: str, data: str) -> Path:
     eff = results["efficiency"]
     rows = [{"trainable params": eff["trainable_params"], "inference params": eff["inference_params"],
              "train peak": gib(eff["train_peak_bytes"]) if eff.get("train_peak_bytes") is not None else "-",
@@ -195,7 +248,18 @@ def headline(results: Mapping[str, Any]) -> str:
     mem = (f"training memory: peak {gib(peak)}, " if peak is not None else "training memory: ") + \
         f"train_state_bytes {gib(eff['train_state_bytes'])} (one step at batch {eff['measured_batch_size']})"
     return (f"{results['method']} on {results['dataset']} ({results['split']}): trainable "
-            f"{eff['trainable_params'] / 1e6:.2f} M; {mem}; {results['train_seconds']} s training")
+            f"{eff['trainable_params'] / 1e6:.2f} M; {mem}; {results['train_seconds']} s training"
+            + (f" on {_batches(results['training'])}" if results.get("training") else ""))
+
+
+def _batches(t: Mapping[str, Any]) -> str:
+    """`2 processes x batch 16 = global batch 32 (lr x1, lr_scaling none)`."""
+    n = t["processes"]
+    text = (f"{n} process{'es' if n != 1 else ''} x batch {t['per_process_batch']} = global batch "
+            f"{t['global_batch']} (lr x{t['lr_factor']:g}, lr_scaling {t['lr_scaling']})")
+    if t.get("weights_in_sync") is False:
+        text += "; WARNING: the processes ended with different weights"
+    return text
 
 
 def dir_bytes(folder: Path) -> int:
@@ -279,7 +343,13 @@ def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title
 
 def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
                      name: str = "Rsum") -> str:
-    """compare.md (one table for all methods), compare.json and compare.png; returns the table text."""
+    """compare.md (one table for all methods), compare.json and compare.png, written by the main
+    process (which alone holds `runs`: `on_main` returned None elsewhere); returns the table text there,
+    "" on the others."""
+    return dist.on_main(_write_comparison, folder, runs, command, key, name) or ""
+
+
+def _write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str, name: str) -> str:
     table = [compare_row(r["method"], r, key, name) for r in runs]
     text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
     folder.mkdir(parents=True, exist_ok=True)

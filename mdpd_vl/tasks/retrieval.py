@@ -5,6 +5,11 @@ The task loss couples the towers (a caption is matched against the images of the
 computed here rather than inside a tower; the MDPD terms that couple them too (`cross_relational`,
 `backbone_task`) are described in `mdpd_vl.heads.retrieval`. Lives in the task layer because it
 composes `mdpd_vl.tuning` models (heads never import tuning/).
+
+Several processes: the embeddings are gathered across processes (`mdpd_vl.dist.gather_batch`) before
+every in-batch term (the VSE / InfoNCE task loss on both paths, the cross-modal relational KL), so
+hardest negatives and softmaxes range over the global batch, as in one process with that batch. The
+per-tower MDPD terms are means over samples and stay local (the engine averages them).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdpd_vl.dist import gather_batch
 from mdpd_vl.heads.retrieval import RetrievalConfig, relational_kl_2d
 from mdpd_vl.heads.vse_loss import info_nce, vse_loss
 from mdpd_vl.tuning.model import MdpdTuned, TunedModel
@@ -51,6 +57,8 @@ class DualTowerRetrieval(nn.Module):
         """Named, weighted losses of one batch; their sum is the objective."""
         yi, bi, li, ti = self._tower(self.image, images)
         yt, bt, lt, tt = self._tower(self.text, texts)
+        # the global batch for the in-batch terms (no-op in one process)
+        yi, yt, bi, bt, ti, tt, image_ids = gather_batch(yi, yt, bi, bt, ti, tt, image_ids)
         out = {"task": self.task_loss(yi, yt, image_ids)}
         out.update({f"image_{k}": v for k, v in li.items()})
         out.update({f"text_{k}": v for k, v in lt.items()})
