@@ -26,6 +26,7 @@ cache. Nothing here imports `mdpd_vl.engine`, so heads may import it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -91,6 +92,15 @@ def init() -> None:
         PartialState(cpu=not has_accelerator())
     seconds = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
     _state["control"] = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    atexit.register(_close)
+
+
+def _close() -> None:
+    """Leave the process group at exit, as torch asks: a process that just exits while a peer still
+    reads its last message can make the peer's gloo transport abort."""
+    if _initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

@@ -18,7 +18,15 @@ from torch import nn
 
 from mdpd_vl.engine.checkpoint import list_checkpoints
 from mdpd_vl.engine.config import TrainConfig
-from mdpd_vl.engine.train import NonFiniteLossError, lr_multiplier, train
+from mdpd_vl.engine.train import (
+    NonFiniteLossError,
+    batch_facts,
+    epoch_batches,
+    lr_factor,
+    lr_multiplier,
+    steps_per_epoch,
+    train,
+)
 from mdpd_vl.errors import UserError
 
 WORKER = Path(__file__).with_name("_train_worker.py")
@@ -361,6 +369,8 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
         str(tmp_path / "run"),
         "--out",
         str(tmp_path / "out"),
+        "--set",
+        "lr_scaling=linear",
     ]
     t0 = time.time()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -373,7 +383,13 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert r0["step"] == 18 and r0["losses"] == r1["losses"]
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "rng-0.pt", "rng-1.pt", "state.pt"]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["world_size"] == 2
+    facts = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert facts["world_size"] == 2
+    assert facts["batch"] == {"processes": 2, "batch_size": 8, "grad_accum": 1, "per_process_batch": 8,
+                              "global_batch": 16, "lr_scaling": "linear", "lr_factor": 2.0}
+    # linear scaling: every group's peak lr x 2 (warm-up 2 steps: step 1 runs at the peak)
+    line = read_metrics(tmp_path / "run")[1]
+    assert line["lr/body"] == pytest.approx(2e-2) and line["lr/head"] == pytest.approx(1e-2)
     assert time.time() - t0 < 300
 
 
@@ -405,3 +421,61 @@ def test_worker_processes_see_the_same_samples_whatever_their_number(tmp_path):
     assert len(seen[1]) == 6
     for a, b in zip(seen[1], seen[2]):
         assert torch.equal(a, b)
+
+
+def test_rank_slices_of_global_batches_are_the_one_process_batches() -> None:
+    one = epoch_batches(50, epoch=3, seed=1, batch_size=8)
+    two = [epoch_batches(50, epoch=3, seed=1, batch_size=4, rank=r, world=2) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 6  # 50 // 8: full global batches only
+    for b, (r0, r1) in zip(one, zip(*two)):
+        assert r0 + r1 == b  # gathered in rank order = the one-process batch, in order
+    assert epoch_batches(50, epoch=4, seed=1, batch_size=8) != one  # reshuffled per epoch
+
+
+def test_batch_facts_and_the_lr_rule() -> None:
+    cfg = TrainConfig(batch_size=6, grad_accum=2)
+    assert batch_facts(cfg, 4) == {"processes": 4, "batch_size": 6, "grad_accum": 2, "per_process_batch": 12,
+                                   "global_batch": 48, "lr_scaling": "none", "lr_factor": 1.0}
+    assert lr_factor(TrainConfig(lr_scaling="linear"), 4) == 4.0 and lr_factor(cfg, 4) == 1.0
+    assert steps_per_epoch(100, cfg, 1) == 8 and steps_per_epoch(100, cfg, 4) == 2
+    assert steps_per_epoch(40, cfg, 4) == 0  # one step needs 48 samples
+    with pytest.raises(UserError, match="lr_scaling"):
+        from mdpd_vl.engine.config import load_config
+
+        load_config(TrainConfig, None, ["lr_scaling=quadratic"])
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Items that depend on the epoch set by the engine (like IndexDataset's caption draw)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.calls = 0, []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.calls.append(epoch)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((4,), float(i) + 100.0 * self.epoch), torch.zeros(1)
+
+
+def test_the_engine_sets_the_epoch_and_a_resume_restores_it(tmp_path: Path) -> None:
+    seen: dict[str, list[float]] = {}
+    for name, plan in (("whole", [6]), ("cut", [3, 6])):
+        data = torch.utils.data.Subset(EpochItems(), range(16))  # set_epoch reached through a wrapper
+        seen[name] = []
+        for max_steps in plan:  # 16 items / batch 8 = 2 steps per epoch: steps 0-5 = epochs 0, 0, 1, 1, 2, 2
+            model = make()
+
+            def step(m, batch, step, out=seen[name]):
+                out.append(float(batch[0][:, 0].max()) // 100)
+                return mse_step(m, batch, step)
+
+            train(model, step, data, collate, groups_of(model), cfg_of(max_steps=max_steps, ckpt_every=1),
+                  tmp_path / name, progress=False)
+        assert data.dataset.calls[0] == 0 and data.dataset.calls[-1] == 2
+    assert seen["whole"] == [0, 0, 1, 1, 2, 2]
+    assert seen["cut"] == seen["whole"]  # resumed at step 3 (epoch 1, mid-epoch): epoch 1 again

@@ -1,4 +1,9 @@
-"""VSE hinge-triplet loss (margin 0.2) over hardest negatives, with the all-negatives warm-up."""
+"""VSE hinge-triplet loss (margin 0.2) over hardest negatives, with the all-negatives warm-up.
+
+Both losses range over the batch they are given. Across several processes, pass them the global
+batch: `img, txt, ids = mdpd_vl.dist.gather_batch(img, txt, ids)` first (gradients reach each
+process's own rows, scaled so that averaged gradients are the one-process gradients).
+"""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ carries that task loss, and the backbone path (what is deployed) learns from it 
   and per caption in the paper) carries the signal; no backbone task loss.
 The similarity head and the logit scale are shared by both paths (they are task parameters, not
 side modules): the deployed video encoder = faded image backbone + its head per frame + the head.
+Several processes: text and video embeddings are gathered (`mdpd_vl.dist.gather_batch`) before every
+in-batch term, so the softmaxes range over the global batch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.dist import gather_batch
 from mdpd_vl.errors import UserError
 from mdpd_vl.heads.clip4clip import (
     CLIP_LOGIT_SCALE_INIT,
@@ -164,26 +167,27 @@ class VideoTextRetrieval(nn.Module):
         mask = batch.get("frame_mask")
         vt = self.video_tower(batch["video"], mask)
         tt = self._tower(self.text, batch["text"])
+        vid = batch.get("video_index")
+        vid = torch.as_tensor(vid, device=vt.y.device) if vid is not None else None
+        t_side, v_side, vid = gather_batch(tt.y, self.sim(vt.y, mask), vid)  # the global batch
         ignore = None
-        if self.cfg.mask_same_video and batch.get("video_index") is not None:
-            vid = torch.as_tensor(batch["video_index"], device=vt.y.device)
+        if self.cfg.mask_same_video and vid is not None:
             ignore = vid.view(-1, 1) == vid.view(1, -1)
         scale = self.logit_scale()
-        v_side = self.sim(vt.y, mask)
-        out = {"task": symmetric_cross_entropy(similarity_logits(tt.y, v_side, scale), ignore)}
+        out = {"task": symmetric_cross_entropy(similarity_logits(t_side, v_side, scale), ignore)}
         out.update({f"video_{k}": v for k, v in vt.losses.items()})
         out.update({f"text_{k}": v for k, v in tt.losses.items()})
         if vt.y_backbone is None or tt.y_backbone is None or self.cfg.objective == "paper":
             return out
-        v_bb = self.sim(vt.y_backbone, mask)
-        out["task_backbone"] = symmetric_cross_entropy(similarity_logits(tt.y_backbone, v_bb, scale), ignore)
+        t_bb, v_bb = gather_batch(tt.y_backbone, self.sim(vt.y_backbone, mask))
+        out["task_backbone"] = symmetric_cross_entropy(similarity_logits(t_bb, v_bb, scale), ignore)
         if self.cfg.cross_relational > 0:
             if vt.y_teacher is not None and tt.y_teacher is not None:
                 with torch.no_grad():
-                    teacher = similarity_logits(tt.y_teacher, self.sim(vt.y_teacher, mask))
+                    teacher = similarity_logits(*gather_batch(tt.y_teacher, self.sim(vt.y_teacher, mask)))
             else:
-                teacher = similarity_logits(tt.y, v_side)
-            student = similarity_logits(tt.y_backbone, v_bb)
+                teacher = similarity_logits(t_side, v_side)
+            student = similarity_logits(t_bb, v_bb)
             kl = relational_kl_2d(teacher, student, self.cfg.rel_temperature)  # detaches the teacher
             out["cross_relational"] = self.cfg.cross_relational * kl
         return out

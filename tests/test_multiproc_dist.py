@@ -1,0 +1,68 @@
+"""`mdpd_vl.dist` on two CPU processes (torchrun, gloo): the gathered in-batch losses and the
+synchronised BatchNorm give one process's numbers and gradients on the whole batch; main_first,
+on_main and a failure inside it behave as documented. One launch of tests/_dist_worker.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from multiproc import REPO, _env
+
+from mdpd_vl import dist
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "_dist_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_gathered_losses_and_gradients_are_the_whole_batch(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert r["world"] == 2 and r["gathered_rows"] == 8 and r["ids_equal"] == 1.0
+        assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_come_from_the_global_batch(ranks: list[dict]) -> None:
+    for r in ranks:
+        for name in ("bn1d", "bn2d", "token"):
+            assert r[f"{name}_switched"] == 1 and r[f"{name}_class_restored"] == 1.0, r
+            for what in ("out", "input_grad", "param_grad", "running"):
+                assert r[f"{name}_{what}_diff"] < 1e-5, (name, what, r)
+
+
+@pytest.mark.slow
+def test_sections_order_the_processes_and_carry_failures(ranks: list[dict]) -> None:
+    main, other = ranks
+    assert main["marker"] == other["marker"] == "built by the main process"
+    assert main["on_main"] == "ran on 0" and other["on_main"] is None
+    assert main["inside"] == 3 and other["inside"] is None  # the local batch inside on_main: no hang
+    assert main["failure"] == "user error: x: the main process stops here"
+    assert other["failure"] == "peer failed 2"  # the exit status cli_entry gives the main process
+    assert main["gathered"] == other["gathered"] == [0, 1]
+
+
+def test_one_process_everything_is_a_no_op_or_runs_directly(tmp_path: Path) -> None:
+    import torch
+
+    assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert dist.gather_batch(x, None)[0] is x
+    with dist.main_first():
+        (tmp_path / "f").write_text("x")
+    assert dist.on_main(lambda a: a + 1, 1) == 2
+    assert dist.all_gather_object("me") == ["me"]
+    dist.barrier()
+    bn = torch.nn.BatchNorm1d(2)
+    with dist.synced_batchnorm(bn) as switched:
+        assert switched == 0 and type(bn) is torch.nn.BatchNorm1d
