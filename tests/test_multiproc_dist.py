@@ -5,12 +5,13 @@ on_main and a failure inside it behave as documented. One launch of tests/_dist_
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from multiproc import REPO, _env
+from multiproc import GUARD_MARK, REPO, _env
 
 from mdpd_vl import dist
 
@@ -66,3 +67,44 @@ def test_one_process_everything_is_a_no_op_or_runs_directly(tmp_path: Path) -> N
     bn = torch.nn.BatchNorm1d(2)
     with dist.synced_batchnorm(bn) as switched:
         assert switched == 0 and type(bn) is torch.nn.BatchNorm1d
+
+
+def test_the_write_guard_fails_a_write_of_a_process_that_is_not_the_main_one(tmp_path: Path) -> None:
+    """The harness's check is real: on rank 1 a write into a guarded folder fails, and says so;
+    reading, and mkdir of a folder that is there, pass."""
+    guarded = tmp_path / "guarded"
+    guarded.mkdir()
+    (tmp_path / "writes_here.py").write_text(
+        "import pathlib, sys\nfolder = pathlib.Path(sys.argv[1])\nfolder.mkdir(exist_ok=True)\n"
+        "print(sorted(p.name for p in folder.iterdir()))\n(folder / 'x.txt').write_text('written')\n")
+    for rank in ("0", "1"):
+        (guarded / "x.txt").unlink(missing_ok=True)
+        env = {**_env(), "RANK": rank, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "multiproc.py"), "--guard", str(guarded), "-m",
+                               "writes_here", str(guarded)], env=env, capture_output=True, text=True, timeout=120)
+        assert done.stdout.startswith("[]"), done.stderr[-2000:]  # it read the folder on either rank
+        if rank == "0":
+            assert done.returncode == 0 and (guarded / "x.txt").read_text() == "written", done.stderr[-2000:]
+        else:
+            assert done.returncode != 0 and not (guarded / "x.txt").exists()
+            assert f"{GUARD_MARK} process 1 is not the main one and wrote {guarded / 'x.txt'}" in done.stderr
+
+
+def test_results_say_how_many_processes_trained_and_their_batches() -> None:
+    from mdpd_vl.tasks import kit
+
+    facts = kit.training({"train": {"batch_size": 8, "grad_accum": 2, "lr_scaling": "linear", "lr": 1e-3}})
+    assert facts == {"processes": 1, "batch_size": 8, "grad_accum": 2, "per_process_batch": 16, "global_batch": 16,
+                     "lr_scaling": "linear", "lr_factor": 1.0}
+
+    class Result:  # what the engine returns, for two processes that fell out of step
+        batch = {**facts, "processes": 2, "global_batch": 32, "lr_factor": 2.0}
+        weights_digests = ["a", "b"]
+
+    two = kit.training({}, Result())
+    assert two["global_batch"] == 32 and two["weights_in_sync"] is False
+    eff = {"trainable_params": 1e6, "train_peak_bytes": None, "train_state_bytes": 2**30, "measured_batch_size": 8}
+    line = kit.headline({"method": "m", "dataset": "d", "split": "s", "efficiency": eff, "train_seconds": 1.0,
+                         "training": two})
+    assert "on 2 processes x batch 16 = global batch 32 (lr x2, lr_scaling linear)" in line
+    assert "WARNING: the processes ended with different weights" in line

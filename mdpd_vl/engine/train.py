@@ -493,7 +493,8 @@ class _Run:
             rank=self.rank,
             world=self.world,
         )[: self.windows * cfg.grad_accum]
-        base = (cfg.seed * 100_003 + epoch) * 1_009 + self.rank
+        # not the rank: item i draws the same augmentation whichever process loads it (one does per epoch)
+        base = (cfg.seed * 100_003 + epoch) * 1_009
         # a private generator: creating the loader must not draw from the global RNG a resume restores
         return torch.utils.data.DataLoader(
             _SeededItems(self.dataset, base),
