@@ -34,9 +34,12 @@ CACHE_EXACT = ("linear", "unipt", "sherl", "lst")
 
 
 def cache_is_exact(cfg: ITRConfig) -> bool:
-    """Frozen-feature caching gives the numbers of live passes (up to float16 storage) for this method."""
+    """Frozen-feature caching gives the numbers of live passes (up to float16 storage) for this method:
+    its backbone never changes, and runs in eval mode (`bn_eval` keeps dropout on in training, so a
+    live pass differs from step to step and one cached pass is not what it computes)."""
     m = cfg.method
-    return m.name in CACHE_EXACT or (m.name == "mdpd" and m.distill.backbone_trainable == "head")
+    frozen = m.name in CACHE_EXACT or (m.name == "mdpd" and m.distill.backbone_trainable == "head")
+    return frozen and m.backbone_mode == "eval"
 
 
 @dataclass
