@@ -205,6 +205,8 @@ def test_the_model_card_use_snippet_runs(mdpd_run: tuple[Path, str]) -> None:
     done = _python(snippet.group(1), Path.cwd())  # paths in the card are as seen from where the run started
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"tensor\(\[\[ *-?\d\.\d+, +-?\d\.\d+\]\]\)", done.stdout), done.stdout
+    objective = json.loads((out / "results.json").read_text())["objective"]
+    assert objective.startswith("MDPD with a UniPT side network") and f"## Training objective\n\n{objective}\n" in card
 
 
 @pytest.mark.slow

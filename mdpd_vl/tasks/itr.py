@@ -28,6 +28,7 @@ from mdpd_vl.heads.retrieval import RetrievalConfig
 from mdpd_vl.tasks import common, kit
 from mdpd_vl.tasks import itr_eval as ev
 from mdpd_vl.tasks.retrieval import DualTowerRetrieval
+from mdpd_vl.tuning import describe_objective
 from mdpd_vl.tuning.config import MethodConfig
 
 DATASETS = ("shapes", "flickr30k", "coco")
@@ -192,7 +193,8 @@ def run(cfg: ITRConfig, command: str, output_dir: Path | None = None) -> dict[st
         task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
         backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
         efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
-        config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
+        config=dump_config(cfg), objective=describe_objective(cfg.method, cfg.retrieval),
+        train_steps=result.step, cached_features=data.cached,
         export_dir=str(export_dir) if export_dir else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
     common.write_json(out / "results.json", results)

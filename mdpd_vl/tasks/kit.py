@@ -184,8 +184,10 @@ def export(deployed: Any, folder: Path) -> Path | None:
 
 
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
-               metrics_table: str, use_snippet: str, data: str) -> Path:
-    """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table."""
+               metrics_table: str, use_snippet: str, data: str, objective: str) -> Path:
+    """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table.
+
+    `objective` states what the run optimised in words (`mdpd_vl.tuning.describe_objective`)."""
     eff = results["efficiency"]
     rows = [{"trainable params": eff["trainable_params"], "inference params": eff["inference_params"],
              "train peak": gib(eff["train_peak_bytes"]) if eff.get("train_peak_bytes") is not None else "-",
@@ -194,7 +196,8 @@ def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words:
              "infer QPS side kept": eff.get("infer_qps_side_kept") or "-"}]
     return write_model_card(out / "MODEL_CARD.md", {
         "title": title, "task": task_words, "method": results["method"], "deployed_summary": deployed_summary,
-        "use_snippet": use_snippet, "data": data, "dataset": results["dataset"], "split": results["split"],
+        "use_snippet": use_snippet, "objective": objective, "data": data, "dataset": results["dataset"],
+        "split": results["split"],
         "metrics_table": metrics_table, "efficiency_table": markdown_table(rows),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "command": results["command"],
         "config": results["config"]})
