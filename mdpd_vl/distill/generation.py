@@ -10,6 +10,12 @@ Layout conventions (tokens are `B x N x D`, see `backbones/base.py`):
 - Prefix tokens are never masked: a per-token path cannot regenerate a token from its
   neighbours, so masking it would only teach G a constant. The ratio lambda applies to grid
   (or sequence) tokens.
+
+What the deep loss needs (`forward_at`): the loss reads G's output at the masked tokens only. The
+first conv must run over the whole grid (the second conv reads each masked token's neighbours), but
+the second conv is evaluated only at the masked tokens (im2col rows of the hidden map), and prefix
+tokens, never masked, are skipped. `folded_first` computes the first conv of the paper's G on the
+masked phi(s) without building that D_B-wide map (see its docstring).
 """
 
 from __future__ import annotations
@@ -37,27 +43,31 @@ def draw_token_mask(
 
 
 class GenerationBlock(nn.Module):
-    """G: regenerate the backbone's tokens from masked, width-aligned side tokens."""
+    """G: regenerate the backbone's tokens from masked, width-aligned side tokens.
 
-    def __init__(self, spec: LayerSpec, hidden: int):
+    `in_width` / `out_width` default to the layer's width (the paper: G works on phi(s), D_B wide);
+    `distill.gen_width: bottleneck` builds it on phi's code width d instead (`DualPath`).
+    """
+
+    def __init__(self, spec: LayerSpec, hidden: int, in_width: int | None = None, out_width: int | None = None):
         super().__init__()
         self.spec = spec
-        width = spec.width
-        if spec.grid is None:
-            self.conv1: nn.Module = nn.Conv1d(width, hidden, kernel_size=3, padding=1)
-            self.conv2: nn.Module = nn.Conv1d(hidden, width, kernel_size=3, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(width, hidden, kernel_size=3, padding=1)
-            self.conv2 = nn.Conv2d(hidden, width, kernel_size=3, padding=1)
+        in_width = in_width or spec.width
+        out_width = out_width or spec.width
+        conv = nn.Conv1d if spec.grid is None else nn.Conv2d
+        self.conv1: nn.Module = conv(in_width, hidden, kernel_size=3, padding=1)
+        self.conv2: nn.Module = conv(hidden, out_width, kernel_size=3, padding=1)
 
     @staticmethod
-    def num_params(width: int, hidden: int, text: bool) -> int:
-        """Analytic count: two convs (3 taps for text, 3x3 for grids), both with bias."""
+    def num_params(width: int, hidden: int, text: bool, out_width: int | None = None) -> int:
+        """Analytic count: two convs (3 taps for text, 3x3 for grids), both with bias; `width` is the
+        input width, `out_width` the output's (default: the same)."""
         taps = 3 if text else 9
-        return taps * width * hidden + hidden + taps * hidden * width + width
+        out = width if out_width is None else out_width
+        return taps * width * hidden + hidden + taps * hidden * out + out
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """`B x N x D` -> `B x N x D`."""
+        """`B x N x D_in` -> `B x N x D_out` at every token."""
         b, n, d = tokens.shape
         grid = self.spec.grid_for(n)
         if grid is None:
@@ -71,8 +81,68 @@ class GenerationBlock(nn.Module):
         head = self._centre(self.conv2, F.relu(self._centre(self.conv1, tokens[:, :p])))
         return torch.cat([head, out], dim=1)
 
+    def body_map(self, tokens: Tensor) -> tuple[Tensor, int]:
+        """(the non-prefix tokens as a `B x D x H x W` map, or `B x D x N` for text; the prefix count)."""
+        b, n, d = tokens.shape
+        grid = self.spec.grid_for(n)
+        if grid is None:
+            return tokens.transpose(1, 2), 0
+        p = n - grid[0] * grid[1]
+        return tokens[:, p:].transpose(1, 2).reshape(b, d, grid[0], grid[1]), p
+
+    def forward_at(self, tokens: Tensor, positions: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """G's output at `positions` only (`B x N` bool, never True on prefix tokens): `M x D_out`, rows
+        in the order of `tokens[positions]`. Equals `self(tokens)[positions]`.
+
+        `hidden`: the first conv's output map (after ReLU) when the caller computed it otherwise
+        (`folded_first`); `tokens` is then only read for its shape.
+        """
+        if hidden is None:
+            x, p = self.body_map(tokens)
+            hidden = F.relu(self.conv1(x))
+        else:
+            p = tokens.shape[1] - _spatial_size(hidden)
+        return self.second_at(hidden, positions[:, p:])
+
+    def second_at(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """The second conv at `positions` (`B x N_body` bool) of the hidden map: `M x D_out`."""
+        conv = self.conv2
+        weight = conv.weight.flatten(1)  # type: ignore[union-attr]  # D_out x (hidden * taps)
+        if hidden.dim() == 3:  # text: B x C x N -> taps along the sequence
+            cols = F.unfold(hidden.unsqueeze(-1), (3, 1), padding=(1, 0))
+        else:
+            cols = F.unfold(hidden, 3, padding=1)  # B x (C * 9) x HW, channel-major like the weight
+        rows = cols.transpose(1, 2)[positions.to(cols.device)]
+        return F.linear(rows, weight, conv.bias)  # type: ignore[arg-type]
+
+    def folded_first(self, code: Tensor, mask: Tensor, up: nn.Linear, mask_token: Tensor,
+                     valid: Tensor | None = None) -> Tensor:
+        """relu(conv1(s_bar)) of the paper's G, where s_bar = where(mask, t, M_up(code)) (times `valid`),
+        computed in the code width: conv1 is linear, so on every token
+        W1 s_bar = (W1 U)(code * (1 - m)) + (W1 c)(1 - m) + (W1 t) m
+        (U, c: M_up's weight and bias; t: the mask token), i.e. one conv with d + 2 input channels over
+        [code * (1 - m), 1 - m, m]. Zero padding stays zero, so the result is exactly the D_B-wide
+        conv's, without building s_bar. Returns the body's hidden map (prefix tokens excluded).
+        """
+        conv = self.conv1
+        w = conv.weight  # type: ignore[union-attr]  # hidden x D_B x taps...
+        folded = torch.einsum("oj...,jd->od...", w, up.weight)
+        extra = torch.stack([torch.einsum("oj...,j->o...", w, up.bias), torch.einsum("oj...,j->o...", w, mask_token)], 1)
+        weight = torch.cat([folded, extra.to(folded.dtype)], dim=1)
+        keep = (~mask).unsqueeze(-1).to(code.dtype)
+        channels = torch.cat([code * keep, keep, 1.0 - keep], dim=-1)
+        if valid is not None:
+            channels = channels * valid.unsqueeze(-1).to(channels.dtype)
+        x, _ = self.body_map(channels)
+        run = F.conv1d if x.dim() == 3 else F.conv2d
+        return F.relu(run(x, weight, conv.bias, padding=1))
+
     @staticmethod
     def _centre(conv: nn.Module, x: Tensor) -> Tensor:
         """A 3x3 conv applied to isolated tokens (1x1 maps with zero padding) = its centre tap."""
         weight = conv.weight[:, :, 1, 1]  # type: ignore[index]
         return F.linear(x, weight, conv.bias)  # type: ignore[arg-type]
+
+
+def _spatial_size(hidden: Tensor) -> int:
+    return int(hidden.shape[2]) if hidden.dim() == 3 else int(hidden.shape[2] * hidden.shape[3])

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _token_weights(n_batch: int, n_tokens: int, valid: Tensor | None, ref: Tensor) -> Tensor:
-    if valid is None:
-        return torch.ones(n_batch, n_tokens, 1, dtype=ref.dtype, device=ref.device)
-    return valid.to(device=ref.device, dtype=ref.dtype).unsqueeze(-1)
+def _squared_error(teacher: Tensor, student: Tensor) -> Tensor:
+    """(b - s)^2 elementwise, in float32 (a no-op cast in fp32; bf16 sums over N x D would lose digits).
+    Autograd keeps only the difference for backward, not a copy of the teacher."""
+    return (teacher.detach().float() - student.float()).pow(2)
 
 
 def imitation_loss(teacher: Tensor, student: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -26,8 +26,9 @@ def imitation_loss(teacher: Tensor, student: Tensor, valid: Tensor | None = None
 
     `valid` (`B x N` bool) drops padding tokens of text; the teacher b is detached.
     """
-    w = _token_weights(teacher.shape[0], teacher.shape[1], valid, student)
-    diff = (teacher.detach() - student).pow(2) * w
+    diff = _squared_error(teacher, student)
+    if valid is not None:
+        diff = diff * valid.to(device=diff.device, dtype=diff.dtype).unsqueeze(-1)
     return diff.sum() / teacher.shape[0]
 
 
@@ -38,11 +39,19 @@ def masked_generation_loss(
 
     Tokens with `mask` False (unmasked) or `valid` False (padding) contribute nothing.
     """
-    m = mask.to(device=generated.device, dtype=generated.dtype).unsqueeze(-1)
+    m = mask.to(device=generated.device, dtype=torch.float32)
     if valid is not None:
-        m = m * _token_weights(teacher.shape[0], teacher.shape[1], valid, generated)
-    diff = (teacher.detach() - generated).pow(2) * m
+        m = m * valid.to(device=generated.device, dtype=torch.float32)
+    diff = _squared_error(teacher, generated) * m.unsqueeze(-1)
     return diff.sum() / teacher.shape[0]
+
+
+def masked_rows_loss(teacher: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+    """L_deep from G's outputs at the read tokens only: `rows` (`M x D`) are G(s_bar) at `positions`
+    (`B x N` bool, masked and valid) in the order of `teacher[positions]`. Equals
+    `masked_generation_loss` on the full output (the other tokens are multiplied by 0 there)."""
+    picked = teacher.detach()[positions.to(teacher.device)]
+    return _squared_error(picked, rows).sum() / teacher.shape[0]
 
 
 def logits_mse(teacher: Tensor, student: Tensor) -> Tensor:
