@@ -20,6 +20,8 @@ masked phi(s) without building that D_B-wide map (see its docstring).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -107,13 +109,7 @@ class GenerationBlock(nn.Module):
     def second_at(self, hidden: Tensor, positions: Tensor) -> Tensor:
         """The second conv at `positions` (`B x N_body` bool) of the hidden map: `M x D_out`."""
         conv = self.conv2
-        weight = conv.weight.flatten(1)  # type: ignore[union-attr]  # D_out x (hidden * taps)
-        if hidden.dim() == 3:  # text: B x C x N -> taps along the sequence
-            cols = F.unfold(hidden.unsqueeze(-1), (3, 1), padding=(1, 0))
-        else:
-            cols = F.unfold(hidden, 3, padding=1)  # B x (C * 9) x HW, channel-major like the weight
-        rows = cols.transpose(1, 2)[positions.to(cols.device)]
-        return F.linear(rows, weight, conv.bias)  # type: ignore[arg-type]
+        return _ConvAtRows.apply(hidden, positions.to(hidden.device), conv.weight, conv.bias)  # type: ignore[union-attr]
 
     def folded_first(self, code: Tensor, mask: Tensor, up: nn.Linear, mask_token: Tensor,
                      valid: Tensor | None = None) -> Tensor:
@@ -126,9 +122,10 @@ class GenerationBlock(nn.Module):
         """
         conv = self.conv1
         w = conv.weight  # type: ignore[union-attr]  # hidden x D_B x taps...
-        folded = torch.einsum("oj...,jd->od...", w, up.weight)
-        extra = torch.stack([torch.einsum("oj...,j->o...", w, up.bias), torch.einsum("oj...,j->o...", w, mask_token)], 1)
-        weight = torch.cat([folded, extra.to(folded.dtype)], dim=1)
+        # [U | c | t]^T (d + 2 x D_B) times each hidden channel's D_B x taps slice: a view of the weight,
+        # so autograd keeps no copy of it (an einsum would save permuted copies)
+        lift = torch.cat([up.weight, up.bias.unsqueeze(1), mask_token.to(up.weight.dtype).unsqueeze(1)], dim=1)
+        weight = torch.matmul(lift.t(), w.flatten(2)).reshape(w.shape[0], lift.shape[1], *w.shape[2:])
         keep = (~mask).unsqueeze(-1).to(code.dtype)
         channels = torch.cat([code * keep, keep, 1.0 - keep], dim=-1)
         if valid is not None:
@@ -142,6 +139,55 @@ class GenerationBlock(nn.Module):
         """A 3x3 conv applied to isolated tokens (1x1 maps with zero padding) = its centre tap."""
         weight = conv.weight[:, :, 1, 1]  # type: ignore[index]
         return F.linear(x, weight, conv.bias)  # type: ignore[arg-type]
+
+
+def _columns(hidden: Tensor) -> Tensor:
+    """im2col of a `B x C x H x W` (or `B x C x N` text) map for a 3-tap / 3x3 conv with zero padding:
+    `B x (C * taps) x positions`, channel-major like a conv weight flattened from dim 1."""
+    if hidden.dim() == 3:
+        return F.unfold(hidden.unsqueeze(-1), (3, 1), padding=(1, 0))
+    return F.unfold(hidden, 3, padding=1)
+
+
+class _ConvAtRows(torch.autograd.Function):
+    """A 3-tap / 3x3 conv (zero padding) evaluated at some positions of its input map only.
+
+    Forward: im2col rows of the chosen positions times the flattened weight. Only the input map is
+    saved for backward (its im2col rows are rebuilt there), so evaluating half the positions costs
+    half the multiply-adds and no more saved bytes than the full conv, which saves the same map.
+    Computes in the map's dtype (bf16 under autocast) and returns gradients in each input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, positions: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(hidden, positions, weight)
+        ctx.has_bias = bias is not None
+        rows = _columns(hidden).transpose(1, 2)[positions]
+        w = weight.flatten(1).to(hidden.dtype)
+        return F.linear(rows, w, None if bias is None else bias.to(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+        hidden, positions, weight = ctx.saved_tensors
+        grad = grad.to(hidden.dtype)
+        w = weight.flatten(1).to(hidden.dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            rows = _columns(hidden).transpose(1, 2)[positions]
+            grad_weight = (grad.transpose(0, 1) @ rows).reshape(weight.shape).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            b, c = hidden.shape[:2]
+            spatial = hidden.shape[2:]
+            cols = grad.new_zeros(b, int(torch.tensor(spatial).prod()), w.shape[1])
+            cols[positions] = grad @ w
+            cols = cols.transpose(1, 2)
+            if hidden.dim() == 3:
+                grad_hidden = F.fold(cols, (spatial[0], 1), (3, 1), padding=(1, 0)).squeeze(-1)
+            else:
+                grad_hidden = F.fold(cols, tuple(spatial), 3, padding=1)
+        return grad_hidden, None, grad_weight, grad_bias
 
 
 def _spatial_size(hidden: Tensor) -> int:
