@@ -120,7 +120,9 @@ def _distill_overrides(items: list[str] | None) -> dict[str, Any]:
     try:
         DistillConfig.from_dict(out)
     except UserError as err:
-        raise UserError(getattr(err, "detail", str(err)), field=f"--distill {err.field or ''}".strip()) from None
+        text, field = str(err), err.field or ""
+        message = text[len(field) + 2 :] if field and text.startswith(field + ": ") else text
+        raise UserError(message, field="--distill" + ("" if field in ("", "distill") else f" {field}")) from None
     return out
 
 
@@ -216,10 +218,10 @@ def check_targets(
     timed = [r for r in by.values() if r.get("infer_qps") is not None and r["method"] != "none"]
     paired = bool(timed) and all(r.get("infer_speed_vs_bare") is not None for r in timed)
     speed, how = ("speed", "inference speed, paired") if paired else ("infer_qps", "infer_qps")
-    # (what, key, compared with, op, bound): the issue's targets; one speed line per side-kept method
     norms = by.get(NORMS_MDPD) or next((r for n, r in by.items() if n.startswith("mdpd[norms_all+ckpt")), None)
     norms_name = norms["name"] if norms else NORMS_MDPD
-    # (row, what, key, compared with, op, bound): issue 17's bar, on the peak
+    # (row, its name, what, key, compared with, op, bound): issue 17's bar, on the peak; one speed line
+    # per side-kept method
     specs = [
         (ref, ref_name, "train_peak_bytes / unipt", "train_peak_bytes", "unipt", "<=", 1.15),
         (ref, ref_name, "train_step_s / unipt", "train_step_s", "unipt", "<=", 1.15),
@@ -457,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     _fill_defaults(args)
     args.mdpd_variants = args.mdpd_variants or ",".join(MDPD_VARIANTS)
     rows = plan_rows(_csv(args.methods), _csv(args.mdpd_variants), args.last_k)
+    _distill_overrides(args.distill)  # a bad --distill fails here, before any work
     source = bench_worker.resolve_backbone(args.backbone)  # unknown names fail here, before any work
     device_type, device_name = bench_worker.resolve_device(args.device)
     args.device = device_type

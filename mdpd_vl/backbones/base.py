@@ -244,6 +244,8 @@ class Backbone(nn.Module):
         activations), 'sqrt' (ceil(sqrt(L)) segments of consecutive blocks, each checkpointed as one).
         """
         segments = checkpoint_segments(choice, len(self._block_modules()))
+        if any(len(seg) > 1 for seg in segments):
+            segments = _split_at(segments, self._chain_links())
         if segments == self._checkpointing:
             return
         blocks = self._block_modules()
@@ -262,6 +264,39 @@ class Backbone(nn.Module):
             for position, block in enumerate(members):
                 block.forward = runner.forward_of(position)  # type: ignore[attr-defined]
         self._checkpointing = segments
+
+    def _chain_links(self) -> list[bool]:
+        """links[i]: block i + 1 is called on block i's output (a probe pass); a run of blocks can only be
+        recomputed as one segment along such links (timm's EfficientNet has conv_head before bn2)."""
+        blocks = self._block_modules()
+        inputs: dict[int, Any] = {}
+        outputs: dict[int, Any] = {}
+        hooks = []
+        def keep_in(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                inputs.setdefault(i, _first_tensor(args, kwargs))
+
+            return hook
+
+        def keep_out(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+                outputs.setdefault(i, out[0] if isinstance(out, (tuple, list)) else out)
+
+            return hook
+
+        for i, block in enumerate(blocks):
+            hooks.append(block.register_forward_pre_hook(keep_in(i), with_kwargs=True))
+            hooks.append(block.register_forward_hook(keep_out(i)))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self._run(self.example_input(1))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        return [inputs.get(i + 1) is not None and inputs.get(i + 1) is outputs.get(i) for i in range(len(blocks) - 1)]
 
     @property
     def checkpointing(self) -> list[list[int]]:
@@ -381,6 +416,21 @@ def checkpoint_stride(choice: Any) -> int | None:
         k = int(choice[6:])
         return k if k >= 1 else None
     return None
+
+
+def _split_at(segments: list[list[int]], links: list[bool]) -> list[list[int]]:
+    """Cut every segment where block i + 1 does not take block i's output (`links[i]` False)."""
+    out: list[list[int]] = []
+    for seg in segments:
+        run = [seg[0]]
+        for i in seg[1:]:
+            if links[i - 1]:
+                run.append(i)
+            else:
+                out.append(run)
+                run = [i]
+        out.append(run)
+    return out
 
 
 def _checkpointed(fn: Callable[..., Any]) -> Callable[..., Any]:
