@@ -120,7 +120,7 @@ def test_bottleneck_width_g_has_the_analytic_parameter_count(family: str) -> Non
 
 
 def test_bottleneck_width_g_lifts_with_phis_up_projection_at_the_masked_tokens_only() -> None:
-    dp, x = make_dualpath("vit", gen_width="bottleneck")
+    dp, x = make_dualpath("vit", gen_width="bottleneck", fuse_lift=False)
     seen: list[int] = []
     i = dp.deep_layers[0]
     handle = dp.phi_of(i).up.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
@@ -129,6 +129,15 @@ def test_bottleneck_width_g_lifts_with_phis_up_projection_at_the_masked_tokens_o
     assert seen == [int(dp.last_masks[i].sum())]  # M x d rows, not B x N tokens
     full, _ = make_dualpath("vit", gen_width="bottleneck", deep_outputs="all")
     assert_same_step(step(full, x), step(*make_dualpath("vit", gen_width="bottleneck")))
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
+def test_fused_lift_is_exact_and_keeps_no_wide_tensor(family: str) -> None:
+    for width in ("backbone", "bottleneck"):
+        plain = step(*make_dualpath(family, gen_width=width, fuse_lift=False))
+        fused = step(*make_dualpath(family, gen_width=width))
+        assert_same_step(fused, plain)
+        assert fused[2] < plain[2], width
 
 
 def test_shared_phi_is_one_bottleneck_per_width_triple() -> None:

@@ -52,6 +52,11 @@ class DistillConfig:
         metadata={"help": "gen_width backbone: fold phi's M_up and the mask token into G's first conv, so the D_B-wide "
                   "masked map is never materialised (exact reparametrisation of the same function)."},
     )
+    fuse_lift: bool = field(
+        default=True,
+        metadata={"help": "compute phi's M_up inside the squared error (imitation; the deep loss with gen_width "
+                  "bottleneck) and rebuild it in backward, so no D_B-wide student or difference is kept (exact)."},
+    )
     share_phi: bool = field(
         default=False,
         metadata={"help": "one bottleneck phi for all distilled layers of equal widths instead of one per layer."},
@@ -173,7 +178,7 @@ class DistillConfig:
                             ("feature_dtype", FEATURE_DTYPES)):
             if getattr(self, name) not in valid:
                 raise bad(name, f"unknown choice {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        for name in ("fold_up", "share_phi"):
+        for name in ("fold_up", "fuse_lift", "share_phi"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
         try:

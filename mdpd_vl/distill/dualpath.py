@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -36,13 +35,8 @@ from mdpd_vl.backbones.base import Backbone
 from mdpd_vl.distill.bottleneck import Bottleneck
 from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
-from mdpd_vl.distill.losses import (
-    imitation_loss,
-    logits_mse,
-    masked_generation_loss,
-    masked_rows_loss,
-    relational_kl,
-)
+from mdpd_vl.distill.hfd import deep_loss, shallow_loss
+from mdpd_vl.distill.losses import logits_mse, relational_kl
 from mdpd_vl.distill.phases import phase as mark
 from mdpd_vl.distill.steps import watch_optimizer_steps
 from mdpd_vl.errors import UserError
@@ -405,10 +399,8 @@ class DualPath(nn.Module):
         if self.shallow_layers:
             total = teachers[0].new_zeros((), dtype=torch.float32)
             for i in self.shallow_layers:
-                with mark("phi"):
-                    student = self.phi_of(i)(students[i])
-                with mark("losses"):
-                    total = total + imitation_loss(teachers[i], student, _valid_for(valid, teachers[i]))
+                v = _valid_for(valid, teachers[i])
+                total = total + shallow_loss(cfg, self.phi_of(i), teachers[i], students[i], v)
             out["shallow"] = cfg.shallow_weight * total
         if self.deep_layers:
             gen = self._mask_generator()
@@ -422,44 +414,11 @@ class DualPath(nn.Module):
                     by_shape[key] = draw_token_mask(b.shape[0], key[0], cfg.mask_ratio, gen, key[1]).to(b.device)
                 m = by_shape[key]
                 self.last_masks[i] = m
-                total = total + self._deep_loss(i, b, students[i], m, _valid_for(valid, b))
+                token = self.mask_tokens[str(self._token_width[i])]
+                block = self.generators[str(i)]
+                total = total + deep_loss(cfg, self.phi_of(i), block, token, b, students[i], m, _valid_for(valid, b))
             out["deep"] = cfg.deep_weight * total
         return out
-
-    def _deep_loss(self, i: int, teacher: Tensor, student: Tensor, m: Tensor, v: Tensor | None) -> Tensor:
-        """L_deep of layer i (eq. 7): G regenerates the teacher from the masked student.
-
-        gen_width backbone (paper): s_bar = mask(phi(s)) is D_B wide and G maps it to D_B; with
-        `fold_up` its first conv runs in the code width (exact, `GenerationBlock.folded_first`).
-        gen_width bottleneck: the code s M_down is masked, G maps it to d and M_up lifts the result.
-        deep_outputs masked: G's second conv (and M_up) only at the masked tokens the loss reads.
-        """
-        cfg, phi, gen = self.cfg, self.phi_of(i), self.generators[str(i)]
-        token = self.mask_tokens[str(self._token_width[i])]
-        reads = m if v is None else m & v  # the tokens the loss reads
-        masked_only = cfg.deep_outputs == "masked"
-        with mark("phi"):
-            code = phi.down(student)
-        with mark("G"):
-            if cfg.gen_width == "bottleneck":
-                code_bar = _masked(code, m, token, v)
-                rows = gen.forward_at(code_bar, reads) if masked_only else gen(code_bar)  # type: ignore[operator]
-            elif cfg.fold_up:
-                hidden = gen.folded_first(code, m, phi.up, token.to(code.dtype), v)  # type: ignore[operator]
-                rows = gen.forward_at(code, reads, hidden=hidden) if masked_only else _full_second(gen, hidden, phi, code)
-        if cfg.gen_width == "backbone" and not cfg.fold_up:
-            with mark("phi"):
-                h = phi.up(code)
-            with mark("G"):
-                s_bar = _masked(h, m, token, v)
-                rows = gen.forward_at(s_bar, reads) if masked_only else gen(s_bar)  # type: ignore[operator]
-        if cfg.gen_width == "bottleneck":
-            with mark("phi"):
-                rows = phi.up(rows)
-        with mark("losses"):
-            if masked_only:
-                return masked_rows_loss(teacher, rows, reads)
-            return masked_generation_loss(teacher, rows, m, v)
 
     # -- deployment ---------------------------------------------------------------------------
     def fade(self) -> FadedModel:
@@ -469,25 +428,6 @@ class DualPath(nn.Module):
     def side_kept(self) -> SideKeptModel:
         """Backbone + side network + side head: to evaluate the side path."""
         return SideKeptModel(self.backbone, self.side, self.head_side)
-
-
-def _masked(tokens: Tensor, m: Tensor, token: Tensor, valid: Tensor | None) -> Tensor:
-    """Masked tokens replaced by the learnable mask token; padding zeroed (acts as G's zero padding)."""
-    out = torch.where(m.unsqueeze(-1), token.to(tokens.dtype), tokens)
-    if valid is not None:
-        out = out * valid.unsqueeze(-1).to(out.dtype)
-    return out
-
-
-def _full_second(gen: nn.Module, hidden: Tensor, phi: Bottleneck, code: Tensor) -> Tensor:
-    """The paper's G output at every token from a folded first conv: the body through conv2, the
-    prefix tokens (never masked, so s_bar = phi(s) there) through the centre taps."""
-    body = gen.conv2(hidden).flatten(2).transpose(1, 2)  # type: ignore[operator]
-    p = code.shape[1] - body.shape[1]
-    if p == 0:
-        return body
-    head = gen._centre(gen.conv2, F.relu(gen._centre(gen.conv1, phi.up(code[:, :p]))))  # type: ignore[operator]
-    return torch.cat([head, body], dim=1)
 
 
 def _valid_for(valid: Tensor | None, tokens: Tensor) -> Tensor | None:
