@@ -60,6 +60,9 @@ def test_masked_only_and_folded_g_equal_the_full_papers_g(family: str) -> None:
     for options in ({"deep_outputs": "masked", "fold_up": False}, {"deep_outputs": "all", "fold_up": True},
                     {"deep_outputs": "masked", "fold_up": True}):
         assert_same_step(step(*make_dualpath(family, **options)), ref)
+    for width in ("code", "bottleneck"):  # the other parametrisations: masked rows = the full output, masked
+        assert_same_step(step(*make_dualpath(family, gen_width=width)),
+                         step(*make_dualpath(family, gen_width=width, deep_outputs="all")))
 
 
 def test_masked_only_saves_fewer_bytes_for_backward() -> None:
@@ -200,3 +203,31 @@ def test_dualpath_applies_the_checkpointing_choice(choice: object, segments: int
     DualPath(backbone, net, GAPLinear(net.out_width, 3), GAPLinear(backbone.widths[-1], 3),
              DistillConfig(d=4, checkpointing=choice))  # type: ignore[arg-type]
     assert len(backbone.checkpointing) == segments
+
+
+@pytest.mark.parametrize("family", ["vit", "bert"])
+def test_code_width_g_is_the_papers_g_with_its_folded_first_conv_learnt(family: str) -> None:
+    """gen_width=code with conv1 set to the paper's folded weight (and every other tensor copied) gives
+    the paper's deep loss: the same function class, d + 2 instead of D_B input channels."""
+    paper, x = make_dualpath(family, split=0.0)
+    code, _ = make_dualpath(family, split=0.0, gen_width="code")
+    d, hidden = 4, 4
+    text = family == "bert"
+    for i in code.deep_layers:
+        g = code.generators[str(i)]
+        assert sum(p.numel() for p in g.parameters()) == GenerationBlock.num_params(
+            d + 2, hidden, text, out_width=code.backbone.widths[i])
+    assert len(code.mask_tokens) == 0
+    state = {k: v for k, v in paper.state_dict().items() if not k.startswith(("mask_tokens", "generators"))}
+    code.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for i in code.deep_layers:
+            src, dst, phi = paper.generators[str(i)], code.generators[str(i)], paper.phi_of(i)
+            token = paper.mask_tokens[str(paper.backbone.widths[i])]
+            lift = torch.cat([phi.up.weight, phi.up.bias[:, None], token[:, None]], dim=1)
+            w = src.conv1.weight
+            dst.conv1.weight.copy_(torch.matmul(lift.t(), w.flatten(2)).reshape(dst.conv1.weight.shape))
+            dst.conv1.bias.copy_(src.conv1.bias)
+            dst.conv2.load_state_dict(src.conv2.state_dict())
+    paper.eval(), code.eval()  # same step counter: the same masks
+    torch.testing.assert_close(code(x).losses["deep"], paper(x).losses["deep"], rtol=1e-5, atol=1e-9)

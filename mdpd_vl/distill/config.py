@@ -9,7 +9,7 @@ from mdpd_vl.backbones.base import checkpoint_segments
 from mdpd_vl.errors import UserError
 
 BACKBONE_TRAINABLE = ("head", "norms_last_k", "norms_all")
-GEN_WIDTHS = ("backbone", "bottleneck")
+GEN_WIDTHS = ("backbone", "code", "bottleneck")
 DEEP_OUTPUTS = ("masked", "all")
 FEATURE_DTYPES = ("compute", "native")
 # the checkpointing granularity `+ckpt` means in the benchmark and the docs: the best measured trade-off
@@ -38,9 +38,10 @@ class DistillConfig:
     )
     gen_width: str = field(
         default="backbone",
-        metadata={"help": "channels G works in: 'backbone' (the paper: G maps the masked phi(s), D_B wide, to D_B) or "
-                  "'bottleneck' (G maps the masked code s M_down, d wide, to d, then phi's M_up lifts it to D_B: "
-                  "9 x 2 x d x hidden instead of 9 x 2 x D_B x hidden weights per deep layer)."},
+        metadata={"help": "how G is parametrised: 'backbone' (the paper: G maps the masked phi(s), D_B wide, to D_B), "
+                  "'code' (the same map, its first conv learnt on phi's masked code: d + 2 input channels instead "
+                  "of D_B, the same function class) or 'bottleneck' (G maps the masked code, d wide, to d and phi's "
+                  "M_up lifts it to D_B: 9 x 2 x d x hidden instead of 9 x 2 x D_B x hidden weights per deep layer)."},
     )
     deep_outputs: str = field(
         default="masked",

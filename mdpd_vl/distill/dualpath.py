@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.backbones.base import Backbone, LayerSpec
 from mdpd_vl.distill.bottleneck import Bottleneck
 from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
@@ -220,19 +220,25 @@ class DualPath(nn.Module):
         for i, key in self._phi_key.items():
             if key not in self.phi:
                 self.phi[key] = Bottleneck(side_widths[i], code[i], widths[i])
-        bottleneck = cfg.gen_width == "bottleneck"
-        self.generators = nn.ModuleDict(
-            {
-                str(i): GenerationBlock(specs[i], hidden, code[i], code[i]) if bottleneck else GenerationBlock(specs[i], hidden)
-                for i in self.deep_layers
-            }
-        )
+        self.generators = nn.ModuleDict({str(i): self._generator(cfg, specs[i], hidden, code[i]) for i in self.deep_layers})
         # one learnable mask token per distinct width it replaces (layers of equal width share it):
-        # D_B for the paper's G, the code width d with gen_width: bottleneck
-        self._token_width = {i: code[i] if bottleneck else widths[i] for i in self.deep_layers}
+        # D_B for the paper's G, the code width d with gen_width: bottleneck; gen_width: code has none
+        # (the weights of its mask channel play that part)
+        self._token_width = {
+            i: code[i] if cfg.gen_width == "bottleneck" else widths[i] for i in self.deep_layers if cfg.gen_width != "code"
+        }
         self.mask_tokens = nn.ParameterDict(
             {str(w): nn.Parameter(torch.randn(w) * 0.02) for w in sorted(set(self._token_width.values()))}
         )
+
+    @staticmethod
+    def _generator(cfg: DistillConfig, spec: LayerSpec, hidden: int, code: int) -> GenerationBlock:
+        """G of one deep layer in the width `gen_width` asks for."""
+        if cfg.gen_width == "bottleneck":
+            return GenerationBlock(spec, hidden, code, code)
+        if cfg.gen_width == "code":
+            return GenerationBlock(spec, hidden, in_width=code + 2)  # code + the two indicator channels
+        return GenerationBlock(spec, hidden)
 
     def phi_of(self, layer: int) -> Bottleneck:
         """The bottleneck phi of layer `layer` (shared between layers with `share_phi`)."""
@@ -414,7 +420,7 @@ class DualPath(nn.Module):
                     by_shape[key] = draw_token_mask(b.shape[0], key[0], cfg.mask_ratio, gen, key[1]).to(b.device)
                 m = by_shape[key]
                 self.last_masks[i] = m
-                token = self.mask_tokens[str(self._token_width[i])]
+                token = self.mask_tokens[str(self._token_width[i])] if i in self._token_width else None
                 block = self.generators[str(i)]
                 total = total + deep_loss(cfg, self.phi_of(i), block, token, b, students[i], m, _valid_for(valid, b))
             out["deep"] = cfg.deep_weight * total

@@ -126,19 +126,33 @@ class GenerationBlock(nn.Module):
         # so autograd keeps no copy of it (an einsum would save permuted copies)
         lift = torch.cat([up.weight, up.bias.unsqueeze(1), mask_token.to(up.weight.dtype).unsqueeze(1)], dim=1)
         weight = torch.matmul(lift.t(), w.flatten(2)).reshape(w.shape[0], lift.shape[1], *w.shape[2:])
-        keep = (~mask).unsqueeze(-1).to(code.dtype)
-        channels = torch.cat([code * keep, keep, 1.0 - keep], dim=-1)
-        if valid is not None:
-            channels = channels * valid.unsqueeze(-1).to(channels.dtype)
-        x, _ = self.body_map(channels)
+        x, _ = self.body_map(masked_code_channels(code, mask, valid))
         run = F.conv1d if x.dim() == 3 else F.conv2d
         return F.relu(run(x, weight, conv.bias, padding=1))
+
+    def code_first(self, code: Tensor, mask: Tensor, valid: Tensor | None = None) -> Tensor:
+        """relu(conv1(.)) over [code * (1 - m), 1 - m, m] with conv1's own d + 2 input channels
+        (`gen_width: code`): the map `folded_first` builds, with the folded weight learnt directly.
+        Returns the body's hidden map (prefix tokens excluded)."""
+        x, _ = self.body_map(masked_code_channels(code, mask, valid))
+        return F.relu(self.conv1(x))
 
     @staticmethod
     def _centre(conv: nn.Module, x: Tensor) -> Tensor:
         """A 3x3 conv applied to isolated tokens (1x1 maps with zero padding) = its centre tap."""
         weight = conv.weight[:, :, 1, 1]  # type: ignore[index]
         return F.linear(x, weight, conv.bias)  # type: ignore[arg-type]
+
+
+def masked_code_channels(code: Tensor, mask: Tensor, valid: Tensor | None = None) -> Tensor:
+    """`B x N x (d + 2)`: [code * (1 - m), 1 - m, m], zero on padding (`valid` False): what the first conv
+    of G sees in the code width (the bias and the mask token of the paper's map become the weights of
+    the two indicator channels)."""
+    keep = (~mask).unsqueeze(-1).to(code.dtype)
+    channels = torch.cat([code * keep, keep, 1.0 - keep], dim=-1)
+    if valid is not None:
+        channels = channels * valid.unsqueeze(-1).to(channels.dtype)
+    return channels
 
 
 def _columns(hidden: Tensor) -> Tensor:
