@@ -123,7 +123,7 @@ def test_bottleneck_width_g_has_the_analytic_parameter_count(family: str) -> Non
 
 
 def test_bottleneck_width_g_lifts_with_phis_up_projection_at_the_masked_tokens_only() -> None:
-    dp, x = make_dualpath("vit", gen_width="bottleneck", fuse_lift=False)
+    dp, x = make_dualpath("vit", gen_width="bottleneck", fuse_loss=False)
     seen: list[int] = []
     i = dp.deep_layers[0]
     handle = dp.phi_of(i).up.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
@@ -135,12 +135,14 @@ def test_bottleneck_width_g_lifts_with_phis_up_projection_at_the_masked_tokens_o
 
 
 @pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
-def test_fused_lift_is_exact_and_keeps_no_wide_tensor(family: str) -> None:
-    for width in ("backbone", "bottleneck"):
-        plain = step(*make_dualpath(family, gen_width=width, fuse_lift=False))
+def test_fused_loss_is_exact_and_keeps_no_wide_tensor(family: str) -> None:
+    for width in ("backbone", "code", "bottleneck"):
+        plain = step(*make_dualpath(family, gen_width=width, fuse_loss=False))
         fused = step(*make_dualpath(family, gen_width=width))
         assert_same_step(fused, plain)
         assert fused[2] < plain[2], width
+    unfolded = step(*make_dualpath(family, fold_up=False, fuse_loss=False))  # the paper's G on s_bar, fused
+    assert_same_step(step(*make_dualpath(family, fold_up=False)), unfolded)
 
 
 def test_shared_phi_is_one_bottleneck_per_width_triple() -> None:

@@ -53,10 +53,11 @@ class DistillConfig:
         metadata={"help": "gen_width backbone: fold phi's M_up and the mask token into G's first conv, so the D_B-wide "
                   "masked map is never materialised (exact reparametrisation of the same function)."},
     )
-    fuse_lift: bool = field(
+    fuse_loss: bool = field(
         default=True,
-        metadata={"help": "compute phi's M_up inside the squared error (imitation; the deep loss with gen_width "
-                  "bottleneck) and rebuild it in backward, so no D_B-wide student or difference is kept (exact)."},
+        metadata={"help": "compute the last map before each feature loss (phi's M_up for imitation and for the "
+                  "bottleneck G, G's second conv for the paper's G) inside the squared error and rebuild it in "
+                  "backward, so no D_B-wide output or difference is kept for backward (exact)."},
     )
     share_phi: bool = field(
         default=False,
@@ -179,7 +180,7 @@ class DistillConfig:
                             ("feature_dtype", FEATURE_DTYPES)):
             if getattr(self, name) not in valid:
                 raise bad(name, f"unknown choice {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        for name in ("fold_up", "fuse_lift", "share_phi"):
+        for name in ("fold_up", "fuse_loss", "share_phi"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
         try:

@@ -111,6 +111,18 @@ class GenerationBlock(nn.Module):
         conv = self.conv2
         return _ConvAtRows.apply(hidden, positions.to(hidden.device), conv.weight, conv.bias)  # type: ignore[union-attr]
 
+    def loss_at(self, tokens: Tensor, positions: Tensor, teacher: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """sum over `positions` of ||teacher - G(tokens)||^2 (the deep loss before its weight and batch
+        mean) with the second conv inside the squared error: nothing D_out wide is kept for backward."""
+        if hidden is None:
+            x, p = self.body_map(tokens)
+            hidden = F.relu(self.conv1(x))
+        else:
+            p = tokens.shape[1] - _spatial_size(hidden)
+        conv, positions = self.conv2, positions.to(hidden.device)
+        return _ConvRowsSquaredError.apply(hidden, positions[:, p:], conv.weight, conv.bias,  # type: ignore[union-attr]
+                                           teacher.detach(), positions)
+
     def folded_first(self, code: Tensor, mask: Tensor, up: nn.Linear, mask_token: Tensor,
                      valid: Tensor | None = None) -> Tensor:
         """relu(conv1(s_bar)) of the paper's G, where s_bar = where(mask, t, M_up(code)) (times `valid`),
@@ -192,16 +204,52 @@ class _ConvAtRows(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            b, c = hidden.shape[:2]
-            spatial = hidden.shape[2:]
-            cols = grad.new_zeros(b, int(torch.tensor(spatial).prod()), w.shape[1])
-            cols[positions] = grad @ w
-            cols = cols.transpose(1, 2)
-            if hidden.dim() == 3:
-                grad_hidden = F.fold(cols, (spatial[0], 1), (3, 1), padding=(1, 0)).squeeze(-1)
-            else:
-                grad_hidden = F.fold(cols, tuple(spatial), 3, padding=1)
+            grad_hidden = _fold_rows(grad @ w, positions, hidden)
         return grad_hidden, None, grad_weight, grad_bias
+
+
+class _ConvRowsSquaredError(torch.autograd.Function):
+    """sum over the chosen positions of ||t - conv(hidden)||^2 for a 3-tap / 3x3 conv (zero padding),
+    keeping nothing D wide for backward: the im2col rows, the conv output there and the difference
+    are rebuilt in backward from the hidden map (saved anyway by the ReLU before it) and the teacher
+    (alive anyway). `body` marks the positions in the map, `reads` the same tokens in the teacher."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, body: Tensor, weight: Tensor, bias: Tensor | None, teacher: Tensor,
+                reads: Tensor) -> Tensor:
+        ctx.save_for_backward(hidden, body, weight, bias, teacher, reads)
+        return _conv_rows_residual(hidden, body, weight, bias, teacher, reads)[0].pow(2).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None, None]:
+        hidden, body, weight, bias, teacher, reads = ctx.saved_tensors
+        r, rows = _conv_rows_residual(hidden, body, weight, bias, teacher, reads)
+        g = (r * (-2.0 * grad)).to(hidden.dtype)  # d loss / d conv output at the rows
+        grad_w = (g.t() @ rows).reshape(weight.shape).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_b = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+        grad_h = _fold_rows(g @ weight.flatten(1).to(hidden.dtype), body, hidden) if ctx.needs_input_grad[0] else None
+        return grad_h, None, grad_w, grad_b, None, None
+
+
+def _conv_rows_residual(hidden: Tensor, body: Tensor, weight: Tensor, bias: Tensor | None, teacher: Tensor,
+                        reads: Tensor) -> tuple[Tensor, Tensor]:
+    rows = _columns(hidden).transpose(1, 2)[body]
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = F.linear(rows, weight.flatten(1).to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    acc = torch.float64 if teacher.dtype == torch.float64 or out.dtype == torch.float64 else torch.float32
+    return teacher[reads].to(acc) - out.to(acc), rows
+
+
+def _fold_rows(grad_rows: Tensor, positions: Tensor, hidden: Tensor) -> Tensor:
+    """The adjoint of `_columns(hidden).transpose(1, 2)[positions]`: scatter the rows' gradients back
+    into im2col layout and fold (sum the overlapping taps) onto the map."""
+    b, spatial = hidden.shape[0], hidden.shape[2:]
+    cols = grad_rows.new_zeros(b, int(torch.tensor(spatial).prod()), grad_rows.shape[1])
+    cols[positions] = grad_rows
+    cols = cols.transpose(1, 2)
+    if hidden.dim() == 3:
+        return F.fold(cols, (spatial[0], 1), (3, 1), padding=(1, 0)).squeeze(-1)
+    return F.fold(cols, tuple(spatial), 3, padding=1)
 
 
 def _spatial_size(hidden: Tensor) -> int:

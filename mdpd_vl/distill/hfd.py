@@ -6,7 +6,8 @@ backbone's tokens; only the masked tokens count. The options of `DistillConfig` 
 computed (all exact except `gen_width`: `code` learns G's first conv in phi's code width, the same
 function class as the paper's G; `bottleneck` moves all of G there and lifts with M_up):
 `deep_outputs` (G's second conv everywhere or at the masked tokens only), `fold_up` (the paper's G
-without building the D_B-wide masked map), `fuse_lift` (M_up inside the squared error).
+without building the D_B-wide masked map), `fuse_loss` (the last map before a loss inside the
+squared error).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: 
             h = phi.up(code)
         with mark("G"):
             s_bar = _masked(h, m, token, v)  # type: ignore[arg-type]
+            if masked_only and cfg.fuse_loss:
+                hidden = F.relu(gen.conv1(gen.body_map(s_bar)[0]))
+                with mark("losses"):
+                    return gen.loss_at(s_bar, reads, teacher, hidden=hidden) / teacher.shape[0]
             rows = gen.forward_at(s_bar, reads) if masked_only else gen(s_bar)
     elif cfg.gen_width in ("backbone", "code"):
         with mark("G"):
@@ -56,12 +61,15 @@ def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: 
             else:
                 hidden = gen.folded_first(code, m, phi.up, token.to(code.dtype), v)  # type: ignore[union-attr]
                 prefix_in = lambda p: phi.up(code[:, :p])  # noqa: E731  (prefix tokens: s_bar = phi(s))
+            if masked_only and cfg.fuse_loss:
+                with mark("losses"):
+                    return gen.loss_at(code, reads, teacher, hidden=hidden) / teacher.shape[0]
             rows = gen.forward_at(code, reads, hidden=hidden) if masked_only else _full_second(gen, hidden, code, prefix_in)
     else:  # bottleneck
         with mark("G"):
             code_bar = _masked(code, m, token, v)  # type: ignore[arg-type]
             rows = gen.forward_at(code_bar, reads) if masked_only else gen(code_bar)
-        if masked_only and cfg.fuse_lift:
+        if masked_only and cfg.fuse_loss:
             with mark("losses"):
                 return lifted_squared_error(teacher, rows, phi.up, reads)
         with mark("phi"):
@@ -73,8 +81,8 @@ def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: 
 
 
 def shallow_loss(cfg: DistillConfig, phi: Bottleneck, teacher: Tensor, student: Tensor, v: Tensor | None) -> Tensor:
-    """L_sha of one layer (eq. 4): phi(s) imitates the teacher (with `fuse_lift`, M_up inside the loss)."""
-    if not cfg.fuse_lift:
+    """L_sha of one layer (eq. 4): phi(s) imitates the teacher (with `fuse_loss`, M_up inside the loss)."""
+    if not cfg.fuse_loss:
         with mark("phi"):
             student = phi(student)
         with mark("losses"):
