@@ -51,6 +51,7 @@ from mdpd_vl.heads.clip4clip import (
     scatter_frames,
     similarity_logits,
     symmetric_cross_entropy,
+    video_shape,
 )
 from mdpd_vl.heads.retrieval import relational_kl_2d
 from mdpd_vl.tuning.config import MethodConfig
@@ -147,10 +148,11 @@ class VideoTextRetrieval(nn.Module):
         y, losses = tuned.train_forward(x)
         return TowerOut(y, None, None, dict(losses))
 
-    def video_tower(self, video: Tensor, frame_mask: Tensor | None) -> TowerOut:
-        """The video tower on the valid frames, outputs back in `B x T x E` (zeros at padding)."""
+    def video_tower(self, video: Any, frame_mask: Tensor | None) -> TowerOut:
+        """The video tower on the valid frames, outputs back in `B x T x E` (zeros at padding).
+        `video` is a `B x T x 3 x H x W` tensor or the valid frames' cached features (`Precomputed`)."""
         out = self._tower(self.video, frames_of(video, frame_mask))
-        shape = (video.shape[0], video.shape[1])
+        shape = video_shape(video, frame_mask)
 
         def put(y: Tensor | None) -> Tensor | None:
             return None if y is None else scatter_frames(y, frame_mask, shape)
