@@ -81,18 +81,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.shapes_protocol not in SHAPES_PROTOCOLS:
             raise UserError(f"unknown protocol {self.shapes_protocol!r}; valid: {', '.join(SHAPES_PROTOCOLS)}",
-                            field="data.shapes_protocol")
+                            field="shapes_protocol")
         for name, valid in (("short", SHORT_POLICIES), ("backend", BACKENDS)):
             if getattr(self, name) not in valid:
                 raise UserError(f"unknown choice {getattr(self, name)!r}; valid: {', '.join(valid)}",
-                                field=f"data.{name}")
+                                field=name)
         if self.slice_framepos not in (0, 1, 2):
-            raise UserError("must be 0 (head), 1 (tail) or 2 (uniform)", field="data.slice_framepos")
+            raise UserError("must be 0 (head), 1 (tail) or 2 (uniform)", field="slice_framepos")
         for name in ("max_frames", "max_text_len", "eval_batch_size", "fps", "image_size", "max_train_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"must be a positive integer{'' if name in ('max_frames', 'max_text_len') else ' or null'}"
-                                f", got {value!r}", field=f"data.{name}")
+                                f", got {value!r}", field=name)
 
 
 @dataclass
@@ -234,6 +234,10 @@ def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dic
     common.write_json(out / "results.json", results)
     card = ev.write_card(out, results, data)
     where = kit.locations(out, export_dir, card, data.cache_dir)
+    if data.frame_cache is not None and data.frame_cache.dir is not None:
+        frames = data.frame_cache.dir
+        where.append(("frame cache", f"{frames}  ({kit.dir_bytes(frames) / 1e6:.1f} MB of sampled uint8 frames; "
+                                     f"delete with: rm -r {frames})"))
     print(kit.summary(results, ev.metrics_table(results), where))
     return results
 

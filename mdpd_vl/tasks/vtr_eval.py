@@ -78,6 +78,7 @@ class DataStats:
     skipped_samples: int = 0  # training samples served by a substitute (a skipped video asked for)
     short_videos: int = 0  # training samples of a video with fewer frames than max_frames (kept, masked)
     bad_files: dict[str, str] = field(default_factory=dict)
+    features_reused: bool = False  # the frozen features came from an earlier run's cache: nothing decoded
     decode_s: float = 0.0  # wall seconds reading frames (decode or frame cache), summed over samples
     preprocess_s: float = 0.0  # wall seconds frames -> tensors, summed over samples
 
@@ -91,6 +92,7 @@ class DataStats:
     def record(self) -> dict[str, Any]:
         return {"skipped_videos": self.skipped_videos, "skipped_samples": self.skipped_samples,
                 "short_videos": self.short_videos, "bad_files": dict(list(self.bad_files.items())[:20]),
+                "features_reused": self.features_reused,
                 "decode_s": round(self.decode_s, 2), "preprocess_s": round(self.preprocess_s, 2)}
 
 
@@ -251,6 +253,7 @@ def _cached_train(train: VideoTextDataset, img_bb: Any, txt_bb: Any, tokenize: A
                 pass
         counts = dict(found)
         common.write_json(counts_file, counts)
+    stats.features_reused = hit and not found["frames"]
     if sum(counts["frames"]) != len(frames):
         raise RuntimeError(f"the frame features cached in {folder} disagree with {counts_file.name}; "
                            f"delete both and run again")
@@ -364,10 +367,13 @@ def data_line(results: dict[str, Any]) -> str:
     s, t = results["data_stats"], results["timings"]["phases"]
     train_s = t.get("training", {}).get("wall_s", 0.0)
     reading = s["decode_s"] + s["preprocess_s"]
+    workers = results["config"]["train"]["num_workers"]
     where = ("while caching the features (once; epochs read no frames)" if results["cached_features"]
-             else f"during training ({results['config']['train']['num_workers']} DataLoader workers)")
+             else f"during training ({workers} DataLoader workers)")
+    if s.get("features_reused"):
+        where = "(none: the frozen features of an earlier run were read from the cache)"
     model_s = f"; model (forward, backward, step) about {max(train_s - reading, 0.0):.1f} s of the {train_s:.1f} s" \
-        if not results["cached_features"] and results["config"]["train"]["num_workers"] == 0 else \
+        if not results["cached_features"] and workers == 0 else \
         f"; training {train_s:.1f} s"
     bad = f" ({', '.join(list(s['bad_files'])[:3])}{', ...' if len(s['bad_files']) > 3 else ''})" if s["bad_files"] else ""
     return (f"training videos skipped: {s['skipped_videos']}{bad}, samples substituted: {s['skipped_samples']}, "

@@ -91,27 +91,27 @@ class VTRConfig:
     )
 
     def __post_init__(self) -> None:
-        SIM_HEADS.get(self.sim, field="vtr.sim")
+        SIM_HEADS.get(self.sim, field="sim")
         if self.image_pool not in ("auto", "cls", "mean"):
-            raise UserError(f"unknown pool {self.image_pool!r}; valid: auto, cls, mean", field="vtr.image_pool")
+            raise UserError(f"unknown pool {self.image_pool!r}; valid: auto, cls, mean", field="image_pool")
         if self.text_pool not in ("auto", *POOLS):
-            raise UserError(f"unknown pool {self.text_pool!r}; valid: auto, {', '.join(POOLS)}", field="vtr.text_pool")
+            raise UserError(f"unknown pool {self.text_pool!r}; valid: auto, {', '.join(POOLS)}", field="text_pool")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}",
-                            field="vtr.objective")
+                            field="objective")
         for name in ("seq_layers", "max_positions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError("must be a positive integer", field=f"vtr.{name}")
+                raise UserError("must be a positive integer", field=name)
         for name in ("embed_dim", "seq_heads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserError("must be a positive integer or null", field=f"vtr.{name}")
+                raise UserError("must be a positive integer or null", field=name)
         if self.cross_relational < 0:
-            raise UserError("must be >= 0", field="vtr.cross_relational")
+            raise UserError("must be >= 0", field="cross_relational")
         if not self.rel_temperature > 0:
-            raise UserError("must be > 0", field="vtr.rel_temperature")
+            raise UserError("must be > 0", field="rel_temperature")
         if self.logit_scale_init > self.logit_scale_max:
-            raise UserError(f"exceeds logit_scale_max {self.logit_scale_max}", field="vtr.logit_scale_init")
+            raise UserError(f"exceeds logit_scale_max {self.logit_scale_max}", field="logit_scale_init")
 
 
 @dataclass
