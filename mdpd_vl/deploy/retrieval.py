@@ -164,6 +164,6 @@ def encode_batches(module: nn.Module, batches: Iterable[Any]) -> Tensor:
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, Tensor):
         return x.to(device)
-    if isinstance(x, dict):
-        return {k: v.to(device) for k, v in x.items()}
+    if isinstance(x, dict):  # token ids + mask; a video batch (frames or their features + frame mask)
+        return {k: _to(v, device) for k, v in x.items()}
     return x  # precomputed features (the recipe's frozen-backbone evaluation) stay where they are

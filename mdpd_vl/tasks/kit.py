@@ -187,6 +187,19 @@ def qps_interleaved(calls: Mapping[str, Callable[[], Any]], items: int, rounds: 
     return {name: round(items / statistics.median(ts), 2) for name, ts in times.items()}
 
 
+def optimizer_groups(groups: Mapping[str, Sequence[nn.Parameter]], group_lr: Mapping[str, float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """The engine's parameter groups from a model's named ones (`param_groups()`): a group whose name ends
+    with a key of `group_lr` gets that learning rate (`backbone_norms: 1e-4`); empty groups are left out."""
+    out = []
+    for name, params in groups.items():
+        if not params:
+            continue
+        lr = next((float(v) for suffix, v in (group_lr or {}).items() if name.endswith(suffix)), None)
+        out.append({"name": name, "params": list(params), **({"lr": lr} if lr is not None else {})})
+    return out
+
+
 # ----------------------------------------------------------------------------- results, export, card
 def results(*, task: str, dataset: str, split: str, method: str, backbone: str, metrics: dict[str, Any],
             metrics_side_kept: dict[str, Any] | None, metrics_before_training: dict[str, Any] | None,
@@ -276,9 +289,11 @@ def summary(results: Mapping[str, Any], metrics_table: str, where: list[tuple[st
 
 
 # ----------------------------------------------------------------------------- --compare
-def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str = "Rsum") -> dict[str, Any]:
+def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str = "Rsum",
+                columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """One `--compare` / report row: the headline metric deployed and side kept, their ratio, memory,
-    trainable parameters, training time (the training peak last: older results lack it)."""
+    trainable parameters, training time (the training peak last: older results lack it), then the
+    recipe's own `columns(r)` if given (e.g. `qps_columns`)."""
     eff, m, s = r["efficiency"], r["metrics"], r.get("metrics_side_kept") or {}
     side = s.get(key)
     d = r["config"]["method"].get("distill", {})
@@ -291,7 +306,33 @@ def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str =
         "train state (GiB)": round(eff["train_state_bytes"] / 2**30, 3),
         "trainable (M)": round(eff["trainable_params"] / 1e6, 2), "train s": r["train_seconds"],
         "train peak (GiB)": round(peak / 2**30, 3) if peak is not None else "-",
+        **(columns(r) if columns is not None else {}),
     }
+
+
+def qps_columns(r: Mapping[str, Any]) -> dict[str, Any]:
+    """Throughput of the deployed model and of the side-kept one (MDPD) as a share of the bare
+    backbones', each timed interleaved with them in the run's own process (so comparable across
+    runs on a busy machine, unlike raw QPS)."""
+    eff = r["efficiency"]
+    bare = eff.get("infer_qps_bare")
+
+    def share(qps: Any) -> Any:
+        return round(qps / bare, 3) if qps and bare else "-"
+
+    return {"QPS / bare": share(eff.get("infer_qps")), "side kept QPS / bare": share(eff.get("infer_qps_side_kept"))}
+
+
+# Methods whose backbone never changes in training (linear probe, side-kept networks, head-only MDPD):
+# with the frozen parts in eval mode one pass gives the features every epoch would compute.
+FROZEN_EXACT = ("linear", "unipt", "sherl", "lst")
+
+
+def frozen_features_exact(method: Any) -> bool:
+    """Per-layer backbone features computed once are exactly what training would compute for this
+    `MethodConfig`: the backbone never changes and runs in eval mode (`bn_eval` keeps dropout on)."""
+    frozen = method.name in FROZEN_EXACT or (method.name == "mdpd" and method.distill.backbone_trainable == "head")
+    return frozen and method.backbone_mode == "eval"
 
 
 def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title: str = "") -> None:
@@ -322,9 +363,9 @@ def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title
 
 
 def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
-                     name: str = "Rsum") -> str:
+                     name: str = "Rsum", columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> str:
     """compare.md (one table for all methods), compare.json and compare.png; returns the table text."""
-    table = [compare_row(r["method"], r, key, name) for r in runs]
+    table = [compare_row(r["method"], r, key, name, columns) for r in runs]
     text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "compare.md", text)
@@ -369,7 +410,8 @@ def resolve_config(cls: type, args: argparse.Namespace, flags: Mapping[str, str]
 
 def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | None], Mapping[str, Any]], *,
          module: str, flags: Mapping[str, str], argv: Sequence[str] | None = None,
-         in_dirs: Mapping[str, Any] | None = None, metric: tuple[str, str] = ("rsum", "Rsum")) -> int:
+         in_dirs: Mapping[str, Any] | None = None, metric: tuple[str, str] = ("rsum", "Rsum"),
+         columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> int:
     """Run a recipe from its parsed options: `--print-config`, else the paths checked (`in_dirs`: the
     folders it reads, `{flag: path}`), then one `run(cfg, command, None)` or, with `--compare`,
     one `run(cfg_m, command, output_dir/m)` per method (every name checked first) and the comparison table +
@@ -391,7 +433,7 @@ def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | Non
             one = copy.deepcopy(cfg)
             one.method = method
             runs.append(run(one, command, Path(cfg.output_dir) / method.name))
-        print(write_comparison(Path(cfg.output_dir), runs, command, *metric))
+        print(write_comparison(Path(cfg.output_dir), runs, command, *metric, columns=columns))
         return 0
     except UserError as err:  # said in the user's words: the option they typed, not a config key
         raise common.relabel(err, user_labels(args, flags)) from None
