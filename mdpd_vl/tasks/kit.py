@@ -11,26 +11,39 @@ metrics, its deployed model) and the kit writes the same outputs for every task:
 - `export`: the deployed model through `mdpd_vl.export.export_task` (a plain backbone + head per part);
 - `write_card`: MODEL_CARD.md, whose "Use" snippet the recipe supplies (a test runs it);
 - `compare_row` / `write_comparison` / `plot`: the `--compare` table, JSON and chart;
-- `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are.
+- `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are;
+- `add_arguments` / `resolve_config` / `main`: the CLI every recipe shares (flags -> config keys with
+  errors that name the flag typed, `--print-config`, path checks before any work, `--compare`
+  validated in full before the first method trains).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mdpd_vl.atomic import write_text
+from mdpd_vl.atomic import check_paths, write_text
 from mdpd_vl.cards import markdown_table, write_model_card
+from mdpd_vl.engine.config import (
+    add_config_arguments,
+    atomic_write_text,
+    config_to_yaml,
+    load_config,
+    parse_name_list,
+)
 from mdpd_vl.engine.memory import gib, measure_train_state
+from mdpd_vl.errors import UserError
 from mdpd_vl.tasks import common
 
 RESULT_KEYS = ("task", "dataset", "split", "method", "backbone", "metrics", "metrics_side_kept",
@@ -287,3 +300,66 @@ def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, 
     common.write_json(folder / "compare.json", {"command": command, "rows": table})
     plot(folder / "compare.png", table, name)
     return text
+
+
+# ----------------------------------------------------------------------------- the CLI every recipe shares
+# The options every recipe has, as argparse dest -> config key; a recipe adds its own (`--dataset`,
+# `--data-root`, ...) to the same mapping.
+COMMON_FLAGS = {"backbone": "backbone", "pretrained": "pretrained", "method": "method.name",
+                "output_dir": "output_dir"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
+    """The shared options: `--backbone`, `--pretrained`, `--method` (`methods` is its help),
+    `--output-dir`, `--compare`, `--print-config`, `--config FILE`, `--set KEY=VALUE`."""
+    parser.add_argument("--backbone")
+    parser.add_argument("--pretrained")
+    parser.add_argument("--method", help=methods)
+    parser.add_argument("--output-dir")
+    parser.add_argument("--compare", help="comma-separated methods run on identical data and seeds")
+    parser.add_argument("--print-config", metavar="FILE", help="write the resolved config as YAML to FILE and exit")
+    add_config_arguments(parser)  # --config FILE, --set a.b=c
+
+
+def user_labels(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, str]:
+    """Config key -> the option the user typed for it (`--method nonsense`, `--set train.lr=1`)."""
+    return {**common.flag_overrides(args, flags)[1], **common.set_labels(args.overrides)}
+
+
+def resolve_config(cls: type, args: argparse.Namespace, flags: Mapping[str, str], preset: Sequence[str] = ()) -> Any:
+    """Defaults < `preset` (ignored with `--config`) < `--config` file < flags < `--set`; a bad value
+    is one UserError naming the option the user typed, never a generated `--set`."""
+    overrides, _ = common.flag_overrides(args, flags)
+    try:
+        return load_config(cls, args.config, [*([] if args.config else preset), *overrides, *args.overrides])
+    except UserError as err:
+        raise common.relabel(err, user_labels(args, flags)) from None
+
+
+def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | None], Mapping[str, Any]], *,
+         module: str, flags: Mapping[str, str], argv: Sequence[str] | None = None,
+         in_dirs: Mapping[str, Any] | None = None, metric: tuple[str, str] = ("rsum", "Rsum")) -> int:
+    """Run a recipe from its parsed options: `--print-config`, else the paths checked (`in_dirs`: the
+    folders it reads, `{flag: path}`), then one `run(cfg, command, None)` or, with `--compare`,
+    one `run(cfg_m, command, output_dir/m)` per method (every name checked first) and the comparison table +
+    chart on `metric` (results key, display name). Errors raised later still name the option typed."""
+    command = common.command_line(argv, module)
+    try:
+        if args.print_config:
+            check_paths(out_files={"--print-config": args.print_config})
+            atomic_write_text(args.print_config, config_to_yaml(cfg, f"python -m {module} --config {args.print_config}"))
+            return 0
+        check_paths(out_dirs={"--output-dir": cfg.output_dir}, in_dirs=in_dirs)
+        if not args.compare:
+            run(cfg, command, None)
+            return 0
+        methods = parse_name_list(args.compare, "--compare", lambda name: replace(cfg.method, name=name))
+        runs = []
+        for method in methods:
+            one = copy.deepcopy(cfg)
+            one.method = method
+            runs.append(run(one, command, Path(cfg.output_dir) / method.name))
+        print(write_comparison(Path(cfg.output_dir), runs, command, *metric))
+        return 0
+    except UserError as err:  # said in the user's words: the option they typed, not a config key
+        raise common.relabel(err, user_labels(args, flags)) from None
