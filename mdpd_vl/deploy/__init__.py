@@ -11,9 +11,11 @@ tuning code: a deployed model is backbones + heads + preprocessing, nothing else
 from __future__ import annotations
 
 from mdpd_vl.deploy.retrieval import ImageTextRetriever
+from mdpd_vl.deploy.vqa import VisualQuestionAnswerer
 from mdpd_vl.registry import Registry
 
 DEPLOYED: Registry[type] = Registry("exported task")
 DEPLOYED.register("itr", ImageTextRetriever)
+DEPLOYED.register("vqa", VisualQuestionAnswerer)
 
-__all__ = ["DEPLOYED", "ImageTextRetriever"]
+__all__ = ["DEPLOYED", "ImageTextRetriever", "VisualQuestionAnswerer"]

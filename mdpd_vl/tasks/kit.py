@@ -291,15 +291,37 @@ def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title
 
 
 def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
-                     name: str = "Rsum") -> str:
-    """compare.md (one table for all methods), compare.json and compare.png; returns the table text."""
-    table = [compare_row(r["method"], r, key, name) for r in runs]
-    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
+                     name: str = "Rsum", *, labels: Sequence[str] | None = None,
+                     extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None, notes: str = "") -> str:
+    """compare.md (one table for all methods), compare.json and compare.png; returns the table text.
+
+    `labels` name the rows (default: each run's method), `extra(run)` adds a recipe's columns to its
+    row, `notes` (markdown) follows the table."""
+    names = list(labels) if labels is not None else [r["method"] for r in runs]
+    table = [{**compare_row(label, r, key, name), **(extra(r) if extra else {})} for label, r in zip(names, runs)]
+    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n" + (f"\n{notes}\n" if notes else "")
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "compare.md", text)
     common.write_json(folder / "compare.json", {"command": command, "rows": table})
     plot(folder / "compare.png", table, name)
     return text
+
+
+def compare_entry(method: Any, entry: str) -> Any:
+    """The method config of one `--compare` entry: a method name, or `mdpd:<backbone_trainable>` with an
+    optional `+ckpt` (activation checkpointing), e.g. `mdpd:norms_all+ckpt`, so that MDPD's settings of
+    the backbone's trainable tensors are rows of one comparison."""
+    name, _, variant = entry.partition(":")
+    out = replace(method, name=name)
+    if not variant:
+        return out
+    if name != "mdpd":
+        raise UserError(f"only mdpd takes a variant (mdpd:head, mdpd:norms_all+ckpt), got {entry!r}")
+    trainable, _, flag = variant.partition("+")
+    if flag not in ("", "ckpt"):
+        raise UserError(f"unknown variant flag {flag!r} in {entry!r}; valid: +ckpt")
+    out.distill = replace(method.distill, backbone_trainable=trainable, checkpointing=flag == "ckpt")  # validated
+    return out
 
 
 # ----------------------------------------------------------------------------- the CLI every recipe shares
