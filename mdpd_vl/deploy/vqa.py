@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from mdpd_vl.deploy.retrieval import build_image_transform
+from mdpd_vl.deploy.retrieval import ImageLike, build_image_transform, pixels
 
-ImageLike = Image.Image | str | Path
 DEFAULT_BATCH = 64
 
 
@@ -69,10 +67,7 @@ class VisualQuestionAnswerer(nn.Module):
 
     def pixels(self, images: Sequence[ImageLike]) -> Tensor:
         """`B x 3 x H x W` from PIL images or image files, decoded as the datasets decode them."""
-        from mdpd_vl.data.datasets import read_image
-
-        loaded = [img if isinstance(img, Image.Image) else read_image(Path(img)) for img in images]
-        return torch.stack([self.image_transform(img if img.mode == "RGB" else img.convert("RGB")) for img in loaded])
+        return pixels(images, self.image_transform)
 
     def input_batches(self, images: Sequence[ImageLike] | Tensor, questions: Sequence[str],
                       batch_size: int | None = None) -> Iterator[dict[str, Tensor]]:

@@ -183,6 +183,12 @@ def export(deployed: Any, folder: Path) -> Path | None:
     return export_task(deployed, folder)
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` relative to the working folder when it lies inside it (cards read better), else absolute."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return rel if not rel.startswith("..") else str(Path(path).resolve())
+
+
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
                metrics_table: str, use_snippet: str, data: str) -> Path:
     """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table."""

@@ -9,7 +9,6 @@ the run reports is what the file scores. Everything task-independent is in `mdpd
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,17 +174,11 @@ def use_snippet(export_dir: Path | None, split: QuestionSplit) -> str:
     if export_dir is None:
         return ("# not exported: this method's deployed model is not a plain backbone + head\n"
                 "# (side-kept networks and unmergeable adapters change the backbone)")
-    images = [_shown(p) for p in split.image_paths[:2]]
+    images = [kit.shown_path(p) for p in split.image_paths[:2]]
     return (f"from mdpd_vl.export import load_exported\n\n"
-            f"model = load_exported({_shown(export_dir)!r})  # backbone + answer head, preprocessing, answers\n"
+            f"model = load_exported({kit.shown_path(export_dir)!r})  # backbone + answer head, preprocessing, answers\n"
             f"print(model.answer({images!r},  # PIL images or files\n"
             f"                   {split.questions[:2]!r}))")
-
-
-def _shown(path: Path) -> str:
-    """`path` relative to the working folder when it lies inside it (cards read better), else absolute."""
-    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
-    return rel if not rel.startswith("..") else str(Path(path).resolve())
 
 
 def write_card(out: Path, results: dict[str, Any], split: QuestionSplit) -> Path:
