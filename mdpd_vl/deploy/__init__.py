@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from mdpd_vl.deploy.retrieval import ImageTextRetriever
 from mdpd_vl.deploy.video import VideoTextRetriever
+from mdpd_vl.deploy.vqa import VisualQuestionAnswerer
 from mdpd_vl.registry import Registry
 
 DEPLOYED: Registry[type] = Registry("exported task")
 DEPLOYED.register("itr", ImageTextRetriever)
 DEPLOYED.register("vtr", VideoTextRetriever)
+DEPLOYED.register("vqa", VisualQuestionAnswerer)
 
-__all__ = ["DEPLOYED", "ImageTextRetriever", "VideoTextRetriever"]
+__all__ = ["DEPLOYED", "ImageTextRetriever", "VideoTextRetriever", "VisualQuestionAnswerer"]

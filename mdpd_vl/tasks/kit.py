@@ -224,6 +224,12 @@ def export(deployed: Any, folder: Path) -> Path | None:
     return export_task(deployed, folder)
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` relative to the working folder when it lies inside it (cards read better), else absolute."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return rel if not rel.startswith("..") else str(Path(path).resolve())
+
+
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
                metrics_table: str, use_snippet: str, data: str, objective: str) -> Path:
     """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table.
@@ -363,15 +369,42 @@ def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title
 
 
 def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
-                     name: str = "Rsum", columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> str:
-    """compare.md (one table for all methods), compare.json and compare.png; returns the table text."""
-    table = [compare_row(r["method"], r, key, name, columns) for r in runs]
-    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
+                     name: str = "Rsum", columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None, *,
+                     labels: Sequence[str] | None = None, notes: str = "") -> str:
+    """compare.md (one table for all methods), compare.json and compare.png; returns the table text.
+
+    `labels` name the rows (default: each run's method), `columns(run)` adds a recipe's columns to its
+    row, `notes` (markdown) follows the table."""
+    names = list(labels) if labels is not None else [r["method"] for r in runs]
+    table = [compare_row(label, r, key, name, columns) for label, r in zip(names, runs)]
+    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n" + (f"\n{notes}\n" if notes else "")
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "compare.md", text)
     common.write_json(folder / "compare.json", {"command": command, "rows": table})
     plot(folder / "compare.png", table, name)
     return text
+
+
+def compare_folder(label: str) -> str:
+    """The run folder name of one `--compare` entry (`mdpd:norms_all+ckpt` -> `mdpd_norms_all_ckpt`)."""
+    return label.replace(":", "_").replace("+", "_")
+
+
+def compare_entry(method: Any, entry: str) -> Any:
+    """The method config of one `--compare` entry: a method name, or `mdpd:<backbone_trainable>` with an
+    optional `+ckpt` (activation checkpointing), e.g. `mdpd:norms_all+ckpt`, so that MDPD's settings of
+    the backbone's trainable tensors are rows of one comparison."""
+    name, _, variant = entry.partition(":")
+    out = replace(method, name=name)
+    if not variant:
+        return out
+    if name != "mdpd":
+        raise UserError(f"only mdpd takes a variant (mdpd:head, mdpd:norms_all+ckpt), got {entry!r}")
+    trainable, _, flag = variant.partition("+")
+    if flag not in ("", "ckpt"):
+        raise UserError(f"unknown variant flag {flag!r} in {entry!r}; valid: +ckpt")
+    out.distill = replace(method.distill, backbone_trainable=trainable, checkpointing=flag == "ckpt")  # validated
+    return out
 
 
 # ----------------------------------------------------------------------------- the CLI every recipe shares
@@ -427,13 +460,14 @@ def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | Non
         if not args.compare:
             run(cfg, command, None)
             return 0
-        methods = parse_name_list(args.compare, "--compare", lambda name: replace(cfg.method, name=name))
+        methods = parse_name_list(args.compare, "--compare", lambda e: (e, compare_entry(cfg.method, e)))
         runs = []
-        for method in methods:
+        for label, method in methods:
             one = copy.deepcopy(cfg)
-            one.method = method
-            runs.append(run(one, command, Path(cfg.output_dir) / method.name))
-        print(write_comparison(Path(cfg.output_dir), runs, command, *metric, columns=columns))
+            one.method = copy.deepcopy(method)
+            runs.append(run(one, command, Path(cfg.output_dir) / compare_folder(label)))
+        print(write_comparison(Path(cfg.output_dir), runs, command, *metric, columns=columns,
+                               labels=[label for label, _ in methods]))
         return 0
     except UserError as err:  # said in the user's words: the option they typed, not a config key
         raise common.relabel(err, user_labels(args, flags)) from None
