@@ -233,3 +233,41 @@ def test_code_width_g_is_the_papers_g_with_its_folded_first_conv_learnt(family: 
             dst.conv2.load_state_dict(src.conv2.state_dict())
     paper.eval(), code.eval()  # same step counter: the same masks
     torch.testing.assert_close(code(x).losses["deep"], paper(x).losses["deep"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("side", ["unipt", "lst"])
+def test_bottleneck_on_the_side_networks_own_layout_equals_phi_at_full_resolution(side: str) -> None:
+    """UniPT's CNN form and LST's pooled ladder keep s_l on a coarser grid; phi's M_down runs there and is
+    upsampled (resampling is a convex combination of tokens, so it commutes with an affine map). Same
+    losses and gradients as phi on the materialised full-resolution s_l."""
+    from mdpd_vl.side.base import SideOutput
+
+    coarse: list[bool] = []
+
+    def build(materialise: bool) -> tuple:
+        torch.manual_seed(0)
+        backbone = BUILDERS["cnn"]()
+        torch.manual_seed(1)
+        net = build_side(side, backbone.layer_specs, {"r": 2}, backbone=backbone)
+        forward = net.forward
+
+        def wrapped(*args: object, **kwargs: object) -> SideOutput:
+            out = forward(*args, **kwargs)
+            coarse.extend(lift is not None for lift in out.lifts)
+            # the reference: every s_l lifted to b_l's tokens before phi sees it
+            return SideOutput(out.layers, out.tokens) if materialise else out
+
+        net.forward = wrapped  # type: ignore[method-assign]
+        dp = DualPath(backbone, net, GAPLinear(net.out_width, CLASSES), GAPLinear(backbone.widths[-1], CLASSES),
+                      DistillConfig(d=4, backbone_trainable="head"))
+        dp.train()
+        return dp, make_input(backbone)
+
+    ref, cut = step(*build(True)), step(*build(False))
+    assert ref[0].keys() == cut[0].keys() and ref[1].keys() == cut[1].keys()
+    for k in ref[0]:
+        assert ref[0][k] == pytest.approx(cut[0][k], rel=1e-5, abs=1e-9), k
+    scale = max(g.abs().max().item() for g in ref[1].values())  # gradients that are 0 analytically are noise
+    for n in ref[1]:
+        torch.testing.assert_close(ref[1][n], cut[1][n], rtol=1e-4, atol=1e-6 * scale + 1e-4 * ref[1][n].abs().max().item())
+    assert any(coarse), f"{side} on a CNN keeps no layer coarse: nothing was tested"

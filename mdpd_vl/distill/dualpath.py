@@ -41,7 +41,7 @@ from mdpd_vl.distill.phases import phase as mark
 from mdpd_vl.distill.steps import watch_optimizer_steps
 from mdpd_vl.errors import UserError
 from mdpd_vl.export import FadedModel
-from mdpd_vl.side.base import SideNetwork
+from mdpd_vl.side.base import SideNetwork, SideOutput
 from mdpd_vl.side.lst import mask_for
 
 TaskLoss = Callable[[Tensor], Tensor]
@@ -365,7 +365,7 @@ class DualPath(nn.Module):
             if task_loss is not None:
                 with mark("losses"):
                     losses["task_side"] = cfg.task_weight * task_loss(y_side)
-            losses.update(self._feature_losses(side_in, side_out.layers, valid))
+            losses.update(self._feature_losses(side_in, side_out, valid))
         with mark("losses"):
             losses.update(self._backbone_losses(phase, y_teacher, y_backbone, task_loss))
         if self.training and grad:
@@ -400,13 +400,13 @@ class DualPath(nn.Module):
         # seeded from (seed, step): reproducible, and exact after resume without saving RNG state
         return torch.Generator().manual_seed((self.cfg.seed * 0x9E3779B1 + self.step) % (2**63))
 
-    def _feature_losses(self, teachers: list[Tensor], students: list[Tensor], valid: Tensor | None) -> dict[str, Tensor]:
+    def _feature_losses(self, teachers: list[Tensor], students: SideOutput, valid: Tensor | None) -> dict[str, Tensor]:
         cfg, out = self.cfg, {}
         if self.shallow_layers:
             total = teachers[0].new_zeros((), dtype=torch.float32)
             for i in self.shallow_layers:
                 v = _valid_for(valid, teachers[i])
-                total = total + shallow_loss(cfg, self.phi_of(i), teachers[i], students[i], v)
+                total = total + shallow_loss(cfg, self.phi_of(i), teachers[i], students, i, v)
             out["shallow"] = cfg.shallow_weight * total
         if self.deep_layers:
             gen = self._mask_generator()
@@ -422,7 +422,7 @@ class DualPath(nn.Module):
                 self.last_masks[i] = m
                 token = self.mask_tokens[str(self._token_width[i])] if i in self._token_width else None
                 block = self.generators[str(i)]
-                total = total + deep_loss(cfg, self.phi_of(i), block, token, b, students[i], m, _valid_for(valid, b))
+                total = total + deep_loss(cfg, self.phi_of(i), block, token, b, students, i, m, _valid_for(valid, b))
             out["deep"] = cfg.deep_weight * total
         return out
 

@@ -28,10 +28,11 @@ from mdpd_vl.distill.losses import (
     masked_rows_loss,
 )
 from mdpd_vl.distill.phases import phase as mark
+from mdpd_vl.side.base import SideOutput
 
 
 def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: Tensor | None, teacher: Tensor,
-              student: Tensor, m: Tensor, v: Tensor | None) -> Tensor:
+              student: SideOutput, index: int, m: Tensor, v: Tensor | None) -> Tensor:
     """L_deep of one layer (eq. 7): G regenerates the teacher from the masked student.
 
     gen_width backbone (paper): s_bar = mask(phi(s)) is D_B wide and G maps it to D_B; with `fold_up`
@@ -43,7 +44,7 @@ def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: 
     reads = m if v is None else m & v  # the tokens the loss reads
     masked_only = cfg.deep_outputs == "masked"
     with mark("phi"):
-        code = phi.down(student)
+        code = student.mapped(index, phi.down)
     if cfg.gen_width == "backbone" and not cfg.fold_up:
         with mark("phi"):
             h = phi.up(code)
@@ -80,15 +81,18 @@ def deep_loss(cfg: DistillConfig, phi: Bottleneck, gen: GenerationBlock, token: 
         return masked_generation_loss(teacher, rows, m, v)
 
 
-def shallow_loss(cfg: DistillConfig, phi: Bottleneck, teacher: Tensor, student: Tensor, v: Tensor | None) -> Tensor:
-    """L_sha of one layer (eq. 4): phi(s) imitates the teacher (with `fuse_loss`, M_up inside the loss)."""
+def shallow_loss(cfg: DistillConfig, phi: Bottleneck, teacher: Tensor, student: SideOutput, index: int,
+                 v: Tensor | None) -> Tensor:
+    """L_sha of one layer (eq. 4): phi(s_l) imitates the teacher (with `fuse_loss`, M_up inside the loss).
+    M_down runs on the side network's layout of s_l and is lifted to b_l's tokens (exact)."""
+    with mark("phi"):
+        code = student.mapped(index, phi.down)
     if not cfg.fuse_loss:
         with mark("phi"):
-            student = phi(student)
+            lifted = phi.up(code)
         with mark("losses"):
-            return imitation_loss(teacher, student, v)
+            return imitation_loss(teacher, lifted, v)
     with mark("phi"):
-        code = phi.down(student)
         if v is not None:
             code = code[v.to(code.device)]
     with mark("losses"):
