@@ -345,8 +345,8 @@ def _method_config(job: dict[str, Any]) -> Any:
         return MethodConfig(name=method, **common)
     from mdpd_vl.distill.config import DistillConfig
 
-    distill = {"backbone_trainable": job["backbone_trainable"], "checkpointing": job["checkpointing"],
-               "schedule": job.get("schedule") or "joint"}
+    distill = {**(job.get("distill_extra") or {}), "backbone_trainable": job["backbone_trainable"],
+               "checkpointing": job["checkpointing"], "schedule": job.get("schedule") or "joint"}
     if job.get("last_k") is not None:
         distill["last_k"] = job["last_k"]
     return MethodConfig(name=method, distill=DistillConfig(**distill), **common)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mdpd_vl.backbones import build_backbone, build_pair
-from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.backbones.base import Backbone, checkpoint_segments
 from mdpd_vl.errors import UserError
 
 TINY_CLIP = dict(
@@ -236,16 +236,19 @@ def _loss_and_grads(b: Backbone, x: Any) -> tuple[torch.Tensor, dict[str, torch.
     return loss.detach(), grads, saved[0]
 
 
-def test_checkpointing_same_outputs_and_grads(case: Case) -> None:
+@pytest.mark.parametrize("choice", [True, "every_2", "sqrt"])
+def test_checkpointing_same_outputs_and_grads(case: Case, choice: object) -> None:
     b = case.backbone
     torch.manual_seed(1)
     x = b.example_input(2)
     loss0, grads0, saved0 = _loss_and_grads(b, x)
-    b.set_checkpointing(True)
+    b.set_checkpointing(choice)  # type: ignore[arg-type]
     try:
+        assert b.checkpointing
         loss1, grads1, saved1 = _loss_and_grads(b, x)
     finally:
         b.set_checkpointing(False)
+    assert b.checkpointing == []
     loss2, grads2, _ = _loss_and_grads(b, x)
     torch.testing.assert_close(loss1, loss0)
     assert grads0.keys() == grads1.keys() and grads0
@@ -254,6 +257,41 @@ def test_checkpointing_same_outputs_and_grads(case: Case) -> None:
         torch.testing.assert_close(grads2[n], grads0[n])
     assert saved1 < saved0  # block activations were really dropped and recomputed
     b.zero_grad(set_to_none=True)
+
+
+def test_checkpoint_segments_of_each_choice() -> None:
+    seg = checkpoint_segments
+    assert seg(True, 4) == seg("all", 4) == seg(1, 4) == [[0], [1], [2], [3]]
+    assert seg(False, 4) == seg(None, 4) == seg("none", 4) == []
+    assert seg("every_2", 5) == seg(2, 5) == [[0], [2], [4]]
+    assert seg("every_3", 12) == [[0], [3], [6], [9]]
+    assert seg("sqrt", 12) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert seg("sqrt", 6) == [[0, 1, 2], [3, 4, 5]]
+    for bad in ("every_0", "half", 0, -1, 2.5):
+        with pytest.raises(ValueError, match="unknown checkpointing"):
+            seg(bad, 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
+def test_granularity_orders_the_saved_bytes_with_identical_gradients(family: str) -> None:
+    """Four blocks: sqrt (2 runs of 2) keeps only 2 run inputs, all keeps 4 block inputs, every_2 keeps
+    2 inputs and the activations of the 2 blocks it leaves alone; none keeps every activation. The
+    segment runs really recompute as one (a fallback would save as much as every block alone)."""
+    from conftest import build_tiny_bert, build_tiny_cnn, build_tiny_vit
+
+    torch.manual_seed(0)
+    b = {"vit": lambda: build_tiny_vit(4), "bert": lambda: build_tiny_bert(4), "cnn": build_tiny_cnn}[family]()
+    b.eval()
+    x = b.example_input(2)
+    saved, grads = {}, {}
+    for choice in ("none", "all", "every_2", "sqrt"):
+        b.set_checkpointing(choice)
+        _, grads[choice], saved[choice] = _loss_and_grads(b, x)
+    assert b.checkpointing == [[0, 1], [2, 3]]
+    assert saved["sqrt"] < saved["all"] < saved["every_2"] < saved["none"]
+    for choice in ("all", "every_2", "sqrt"):
+        for n, g in grads["none"].items():
+            torch.testing.assert_close(grads[choice][n], g, rtol=1e-4, atol=1e-6)
 
 
 def test_spec_rebuilds_same_architecture(case: Case) -> None:

@@ -31,14 +31,31 @@ def _job(method: str, **extra) -> dict:
 
 # -- planning and CLI errors --------------------------------------------------------------------
 def test_plan_rows_expands_mdpd_variants_in_order():
+    from mdpd_vl.distill.config import RECOMMENDED_CHECKPOINTING
+
     rows = bench.plan_rows(["none", "lora", "mdpd", "lora"], ["head", "norms_all+ckpt"], last_k=2)
     assert [r["name"] for r in rows] == ["none", "lora", "mdpd[head]", "mdpd[norms_all+ckpt]"]
     assert rows[2]["backbone_trainable"] == "head" and rows[2]["checkpointing"] is False
-    assert rows[3]["backbone_trainable"] == "norms_all" and rows[3]["checkpointing"] is True
+    assert rows[3]["backbone_trainable"] == "norms_all" and rows[3]["checkpointing"] == RECOMMENDED_CHECKPOINTING
     assert "last_k" not in rows[3]
     assert bench.plan_rows(["mdpd"], ["norms_last_k"], last_k=2)[0]["last_k"] == 2
     alt = bench.plan_rows(["mdpd"], ["head+alt", "norms_all+ckpt+alt"])
     assert [r["schedule"] for r in alt] == ["alternate", "alternate"] and alt[1]["checkpointing"]
+    named = bench.plan_rows(["mdpd"], ["norms_all+ckpt=sqrt", "norms_all+ckpt=all", "norms_all+ckpt=every_3"])
+    assert [r["checkpointing"] for r in named] == ["sqrt", "all", "every_3"]
+    assert named[0]["name"] == "mdpd[norms_all+ckpt=sqrt]"
+
+
+def test_distill_overrides_reach_the_mdpd_rows_and_bad_ones_name_the_field():
+    assert bench._distill_overrides(["gen_width=bottleneck", "share_phi=true", "d=32"]) == {
+        "gen_width": "bottleneck", "share_phi": True, "d": 32}  # fmt: skip
+    job = _job("mdpd", distill_extra={"gen_width": "bottleneck"})
+    assert bench_worker._method_config(job).distill.gen_width == "bottleneck"
+    with pytest.raises(bench.UserError) as err:
+        bench._distill_overrides(["gen_width=side"])
+    assert err.value.field == "--distill gen_width"
+    with pytest.raises(bench.UserError, match="expected key=value"):
+        bench._distill_overrides(["gen_width"])
 
 
 @pytest.mark.parametrize(
@@ -46,6 +63,8 @@ def test_plan_rows_expands_mdpd_variants_in_order():
     [
         (["--methods", "linear,dora"], "--methods: unknown method 'dora'; valid: none, linear"),
         (["--mdpd-variants", "head+ckpt"], "--mdpd-variants: unknown mdpd variant 'head+ckpt'"),
+        (["--mdpd-variants", "norms_all+ckpt=half"], "--mdpd-variants: unknown mdpd variant 'norms_all+ckpt=half'"),
+        (["--distill", "mask_ratio=2"], "--distill mask_ratio: lambda must lie in [0, 1)"),
         (["--backbone", "open_clip:NoSuchNet"], "--backbone: unknown backbone 'open_clip:NoSuchNet'; valid:"),
         (["--batch-size", "0"], "--batch-size: must be at least 1"),
         (["--scaling", "batch", "--batch-sizes", "4"], "--batch-sizes: needs at least two"),
@@ -82,42 +101,53 @@ def test_targets_are_ratios_and_misses_say_by_how_much():
     results = [
         _row("none", infer_qps=100.0),
         _row("lora", train_peak_bytes=1000, train_step_s=1.0, infer_qps=99.0),
-        _row("unipt", infer_qps=80.0),
+        _row("unipt", train_peak_bytes=260, train_step_s=0.5, infer_qps=80.0),
         _row("sherl", infer_qps=120.0),
-        _row("mdpd[head]", train_peak_bytes=300, train_state_bytes=5, train_step_s=0.75, infer_qps=98.0),
+        _row("mdpd[head]", train_peak_bytes=280, train_state_bytes=5, train_step_s=0.6, infer_qps=99.5),
+        _row("mdpd[norms_all+ckpt]", train_peak_bytes=460, train_step_s=0.9, infer_qps=99.0),
     ]
     slopes = {"mdpd[head]": {"train_peak_bytes": 10.0}, "lora": {"train_peak_bytes": 20.0}}
     checks = {c["target"].split(" = ")[0]: c for c in bench.check_targets(results, slopes)}
-    mem = checks["mdpd[head] train_peak_bytes / lora"]  # every target uses the peak
-    assert mem["ok"] and mem["ratio"] == pytest.approx(0.3)
-    step = checks["mdpd[head] train_step_s / lora"]
-    assert step["ok"] is False and step["miss"].startswith("misses by 25.0%")  # 0.75 vs <= 0.6
-    assert checks["mdpd[head] infer_qps / none (bare backbone)"]["ok"]  # 0.98 >= 0.97
+    mem = checks["mdpd[head] train_peak_bytes / lora"]  # every memory target uses the peak
+    assert mem["ok"] and mem["ratio"] == pytest.approx(0.28) and mem["bound"] == 0.3
+    side = checks["mdpd[head] train_peak_bytes / unipt"]
+    assert side["ok"] and side["ratio"] == pytest.approx(280 / 260) and side["bound"] == 1.15
+    step = checks["mdpd[head] train_step_s / unipt"]
+    assert step["ok"] is False and step["miss"].startswith("misses by 4.3%")  # 1.2 vs <= 1.15
+    assert checks["mdpd[head] train_step_s / lora"]["ok"] is False  # 0.6 vs <= 0.5
+    norms = checks["mdpd[norms_all+ckpt] train_peak_bytes / lora"]
+    assert norms["ok"] is False and norms["bound"] == 0.45 and "2.2%" in norms["miss"]  # 0.46
+    assert checks["mdpd[norms_all+ckpt] train_step_s / lora"]["ok"]  # 0.9 <= 1.0
+    assert checks["mdpd[head] infer_qps / none (bare backbone)"]["ok"]  # 0.995 >= 0.99
     assert checks["mdpd[head] infer_qps / unipt (side kept)"]["ok"]
     sherl = checks["mdpd[head] infer_qps / sherl (side kept)"]
-    assert sherl["ok"] is False and "18.3%" in sherl["miss"]  # 98/120 = 0.817
+    assert sherl["ok"] is False and "17.1%" in sherl["miss"]  # 99.5/120 = 0.829
     slope = checks["mdpd[head] memory slope / lora (train_peak_bytes per sample)"]
     assert slope["ok"] is False and slope["ratio"] == pytest.approx(0.5)
     text = bench.markdown({"results": results, "targets": list(checks.values()), "backbone": "b",
                            "batch_size": 4, "device": "cpu", "device_type": "cpu", "torch": "x",
                            "precision": "fp32", "command": "python -m mdpd_vl.bench"})  # fmt: skip
-    assert "**MISS** mdpd[head] train_step_s / lora = 1.250" not in text  # ratio is 0.75, not its inverse
-    assert "**MISS** mdpd[head] train_step_s / lora = 0.750 (target <= 0.6); misses by 25.0%" in text
+    assert "**MISS** mdpd[head] train_step_s / lora = 0.600 (target <= 0.5); misses by 20.0%" in text
     assert "mdpd[head] infer_qps / none" in text  # no paired ratios here: raw QPS is compared
+    # a named granularity row stands in for norms_all+ckpt when that row is absent
+    named = [r for r in results if r["name"] != "mdpd[norms_all+ckpt]"]
+    named.append(_row("mdpd[norms_all+ckpt=sqrt]", train_peak_bytes=400, train_step_s=1.1))
+    got = {c["target"].split(" = ")[0]: c for c in bench.check_targets(named, None)}
+    assert got["mdpd[norms_all+ckpt=sqrt] train_step_s / lora"]["ok"] is False
 
 
 def test_speed_targets_use_the_paired_ratios_when_every_row_has_one():
     results = [
         _row("none", infer_qps=100.0, infer_speed_vs_bare=1.01),
         _row("unipt", infer_qps=200.0, infer_speed_vs_bare=0.8),  # fast only because load dropped
-        _row("mdpd[head]", infer_qps=90.0, infer_speed_vs_bare=0.98),
+        _row("mdpd[head]", infer_qps=90.0, infer_speed_vs_bare=0.995),
     ]
     checks = bench.check_targets(results, None)
     bare = next(c for c in checks if "/ none" in c["target"])
     assert bare["target"].endswith("inference speed, paired / none (bare backbone)")
-    assert bare["ok"] and bare["ratio"] == pytest.approx(0.98)  # the bare row is 1 by definition
-    side = next(c for c in checks if "/ unipt" in c["target"])
-    assert side["ok"] and side["ratio"] == pytest.approx(0.98 / 0.8)
+    assert bare["ok"] and bare["ratio"] == pytest.approx(0.995)  # the bare row is 1 by definition
+    side = next(c for c in checks if "/ unipt (side kept)" in c["target"])
+    assert side["ok"] and side["ratio"] == pytest.approx(0.995 / 0.8)
 
 
 def test_unmeasured_targets_are_reported_not_passed():

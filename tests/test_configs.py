@@ -6,9 +6,10 @@ import pytest
 
 from mdpd_vl.engine.config import load_config
 from mdpd_vl.tasks.itr import ITRConfig
+from mdpd_vl.tasks.vtr import VTRTaskConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"itr": ITRConfig}
+RECIPES = {"itr": ITRConfig, "vtr": VTRTaskConfig}
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

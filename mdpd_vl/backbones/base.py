@@ -114,7 +114,7 @@ class Backbone(nn.Module):
         self._input_hook: Any = None
         self._want_input = False
         self._input: Any = None
-        self._checkpointing = False
+        self._checkpointing: list[list[int]] = []
 
     # -- to implement -------------------------------------------------------------------------
     def _block_modules(self) -> list[nn.Module]:
@@ -236,18 +236,72 @@ class Backbone(nn.Module):
                         out.append((names[id(p)], p))
         return out
 
-    def set_checkpointing(self, enabled: bool = True) -> None:
-        """Activation checkpointing of every block: recompute block activations in backward."""
-        if enabled == self._checkpointing:
+    def set_checkpointing(self, choice: bool | str | int | None = True) -> None:
+        """Activation checkpointing of the blocks: recompute their activations in backward.
+
+        `choice` (see `checkpoint_segments`): 'none' / False / None, 'all' / True (every block on its
+        own), 'every_<k>' or an int k (every k-th block on its own, the others keep their
+        activations), 'sqrt' (ceil(sqrt(L)) segments of consecutive blocks, each checkpointed as one).
+        """
+        segments = checkpoint_segments(choice, len(self._block_modules()))
+        if any(len(seg) > 1 for seg in segments):
+            segments = _split_at(segments, self._chain_links())
+        if segments == self._checkpointing:
             return
-        for block in self._block_modules():
-            if enabled:
-                block._mdpd_forward = block.forward  # type: ignore[attr-defined]
-                block.forward = _checkpointed(block._mdpd_forward)  # type: ignore[attr-defined]
-            else:
+        blocks = self._block_modules()
+        for block in blocks:  # undo the previous plan first
+            if hasattr(block, "_mdpd_forward"):
                 block.forward = block._mdpd_forward  # type: ignore[attr-defined]
                 del block._mdpd_forward
-        self._checkpointing = enabled
+        for seg in segments:
+            members = [blocks[i] for i in seg]
+            for block in members:
+                block._mdpd_forward = block.forward  # type: ignore[attr-defined]
+            if len(members) == 1:
+                members[0].forward = _checkpointed(members[0]._mdpd_forward)  # type: ignore[attr-defined]
+                continue
+            runner = _SegmentRunner(members)
+            for position, block in enumerate(members):
+                block.forward = runner.forward_of(position)  # type: ignore[attr-defined]
+        self._checkpointing = segments
+
+    def _chain_links(self) -> list[bool]:
+        """links[i]: block i + 1 is called on block i's output (a probe pass); a run of blocks can only be
+        recomputed as one segment along such links (timm's EfficientNet has conv_head before bn2)."""
+        blocks = self._block_modules()
+        inputs: dict[int, Any] = {}
+        outputs: dict[int, Any] = {}
+        hooks = []
+        def keep_in(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                inputs.setdefault(i, _first_tensor(args, kwargs))
+
+            return hook
+
+        def keep_out(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+                outputs.setdefault(i, out[0] if isinstance(out, (tuple, list)) else out)
+
+            return hook
+
+        for i, block in enumerate(blocks):
+            hooks.append(block.register_forward_pre_hook(keep_in(i), with_kwargs=True))
+            hooks.append(block.register_forward_hook(keep_out(i)))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self._run(self.example_input(1))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        return [inputs.get(i + 1) is not None and inputs.get(i + 1) is outputs.get(i) for i in range(len(blocks) - 1)]
+
+    @property
+    def checkpointing(self) -> list[list[int]]:
+        """The checkpointed segments now in force (block indices; [] = no checkpointing)."""
+        return [list(s) for s in self._checkpointing] if self._checkpointing else []
 
     def forward(self, x: Any) -> list[Tensor]:
         return self.features(x)
@@ -321,6 +375,64 @@ class Backbone(nn.Module):
         return hook
 
 
+CHECKPOINT_CHOICES = ("none", "all", "every_2", "every_3", "sqrt")
+
+
+def checkpoint_segments(choice: bool | str | int | None, num_blocks: int) -> list[list[int]]:
+    """The segments a checkpointing choice makes of `num_blocks` blocks (block indices, shallow first).
+
+    - 'none', False, None: no segment;
+    - 'all', True, 1: every block is a segment of its own (stores each block's input, recomputes the
+      whole forward once in backward);
+    - 'every_<k>' or an int k >= 2: blocks 0, k, 2k, ... are segments of their own; the other blocks
+      keep their activations (recomputes about 1/k of the forward, keeps about 1 - 1/k of the bytes);
+    - 'sqrt': ceil(sqrt(L)) runs of consecutive blocks, each checkpointed as one (Chen et al. 2016:
+      stores only the runs' inputs; backward recomputes one run at a time).
+    A string that is none of these raises ValueError naming the choices.
+    """
+    if choice is None or choice is False or choice == "none":
+        return []
+    if choice is True or choice == "all":
+        return [[i] for i in range(num_blocks)]
+    if choice == "sqrt":
+        size = max(1, math.ceil(math.sqrt(num_blocks)))
+        return [list(range(i, min(i + size, num_blocks))) for i in range(0, num_blocks, size)]
+    k = checkpoint_stride(choice)
+    if k is None:
+        raise ValueError(
+            f"unknown checkpointing {choice!r}; valid: {', '.join(CHECKPOINT_CHOICES)}, every_<k>, "
+            "an integer k >= 1, true or false"
+        )
+    return [[i] for i in range(0, num_blocks, k)]
+
+
+def checkpoint_stride(choice: Any) -> int | None:
+    """k of 'every_<k>' or of an int k >= 1; None for anything else."""
+    if isinstance(choice, bool):
+        return None
+    if isinstance(choice, int):
+        return choice if choice >= 1 else None
+    if isinstance(choice, str) and choice.startswith("every_") and choice[6:].isdigit():
+        k = int(choice[6:])
+        return k if k >= 1 else None
+    return None
+
+
+def _split_at(segments: list[list[int]], links: list[bool]) -> list[list[int]]:
+    """Cut every segment where block i + 1 does not take block i's output (`links[i]` False)."""
+    out: list[list[int]] = []
+    for seg in segments:
+        run = [seg[0]]
+        for i in seg[1:]:
+            if links[i - 1]:
+                run.append(i)
+            else:
+                out.append(run)
+                run = [i]
+        out.append(run)
+    return out
+
+
 def _checkpointed(fn: Callable[..., Any]) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
@@ -328,6 +440,93 @@ def _checkpointed(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return forward
+
+
+def _with_first_tensor(args: tuple, kwargs: dict, new: Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) with the hidden states (see `_first_tensor`) replaced by `new`."""
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return args, {**kwargs, "hidden_states": new}
+    for i, value in enumerate(args):
+        if isinstance(value, Tensor):
+            return (*args[:i], new, *args[i + 1 :]), kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            return args, {**kwargs, key: new}
+    return args, kwargs
+
+
+def _extras(args: tuple, kwargs: dict) -> list[Any]:
+    """Every argument but the hidden states, to check that a block is called like its segment's first."""
+    hidden = _first_tensor(args, kwargs)
+    return [v for v in (*args, *kwargs.items()) if v is not hidden and not (isinstance(v, tuple) and v[1] is hidden)]
+
+
+def _same_extras(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and isinstance(y, tuple):  # keyword items
+            if x[0] != y[0] or not _same_extras([x[1]], [y[1]]):
+                return False
+        elif isinstance(x, Tensor) or isinstance(y, Tensor):
+            if x is not y:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+class _SegmentRunner:
+    """Consecutive blocks checkpointed as ONE segment, although the wrapped model calls them one by one.
+
+    The first block's call runs every member (their own forwards, so no hook fires inside) in one
+    non-reentrant `checkpoint` that returns all the members' outputs; the following calls return
+    those outputs in turn, so the model's loop and the layer hooks see exactly what they would see
+    without checkpointing. A later member called with another input or other arguments than the
+    segment assumed (a model that passes per-layer arguments) simply runs on its own, uncheckpointed.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        self.members = members
+        self._outputs: list[Any] = []
+        self._call: tuple[tuple, dict] | None = None
+
+    def _run(self, args: tuple, kwargs: dict) -> tuple:
+        outs = []
+        for block in self.members:
+            out = block._mdpd_forward(*args, **kwargs)  # type: ignore[attr-defined]
+            outs.append(out)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            args, kwargs = _with_first_tensor(args, kwargs, hidden)
+        return tuple(outs)
+
+    def forward_of(self, position: int) -> Callable[..., Any]:
+        block = self.members[position]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return block._mdpd_forward(*args, **kwargs)  # type: ignore[attr-defined]
+            if position == 0:
+                self._call = (args, kwargs)
+                # non-reentrant checkpointing recomputes from the saved-tensor hooks, so the call's
+                # tensors may travel inside the closure's arguments
+                self._outputs = list(checkpoint(self._run, args, kwargs, use_reentrant=False))
+                return self._outputs[0]
+            expected = self._outputs[position - 1] if len(self._outputs) >= position else None
+            hidden = _first_tensor(args, kwargs)
+            prev = expected[0] if isinstance(expected, (tuple, list)) else expected
+            first = self._call
+            if prev is None or hidden is not prev or first is None or not _same_extras(
+                _extras(args, kwargs), _extras(*first)
+            ):
+                self._outputs = []
+                return block._mdpd_forward(*args, **kwargs)  # type: ignore[attr-defined]
+            out = self._outputs[position]
+            if position == len(self.members) - 1:
+                self._outputs, self._call = [], None
+            return out
+
+        return forward
 
 
 def grid_from_map(shape: Sequence[int]) -> tuple[int, int]:

@@ -179,6 +179,13 @@ class CrossModalBackbone(Backbone):
             self.image.eval()
         return self
 
+    def clone(self) -> CrossModalBackbone:
+        """A deep copy whose image backbone has its own layer hooks too: a plain deepcopy keeps hooks
+        that fill the original image backbone's store (a merged LoRA copy could not read an image)."""
+        dup = super().clone()
+        dup.image = self.image.clone()
+        return dup
+
     # -- data helpers ---------------------------------------------------------------------------
     def transform(self, train: bool) -> Any:
         """PIL -> tensor preprocessing of the image backbone."""

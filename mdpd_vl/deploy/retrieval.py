@@ -91,10 +91,7 @@ class ImageTextRetriever(nn.Module):
 
     def pixels(self, images: Sequence[ImageLike]) -> Tensor:
         """`B x 3 x H x W` from PIL images or image files, decoded as the datasets decode them."""
-        from mdpd_vl.data.datasets import read_image
-
-        loaded = [img if isinstance(img, Image.Image) else read_image(Path(img)) for img in images]
-        return torch.stack([self.image_transform(img if img.mode == "RGB" else img.convert("RGB")) for img in loaded])
+        return pixels(images, self.image_transform)
 
     def image_inputs(self, images: Sequence[ImageLike], batch_size: int | None = None) -> Iterator[Tensor]:
         """The image encoder's input batches (pixels), in order: what `encode_images` runs."""
@@ -146,6 +143,15 @@ class ImageTextRetriever(nn.Module):
         return cls(load_faded(folder / parts["image"]), load_faded(folder / parts["text"]), config["preprocess"]).eval()
 
 
+def pixels(images: Sequence[ImageLike], transform: Any) -> Tensor:
+    """`B x 3 x H x W` from PIL images or image files (decoded as the datasets decode them, RGB) through
+    `transform`: the one image path of every deployed task model."""
+    from mdpd_vl.data.datasets import read_image
+
+    loaded = [img if isinstance(img, Image.Image) else read_image(Path(img)) for img in images]
+    return torch.stack([transform(img if img.mode == "RGB" else img.convert("RGB")) for img in loaded])
+
+
 @torch.no_grad()
 def encode_batches(module: nn.Module, batches: Iterable[Any]) -> Tensor:
     """L2-normalised outputs of `module` (eval mode, no grad) over `batches`, concatenated on the CPU."""
@@ -164,6 +170,6 @@ def encode_batches(module: nn.Module, batches: Iterable[Any]) -> Tensor:
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, Tensor):
         return x.to(device)
-    if isinstance(x, dict):
-        return {k: v.to(device) for k, v in x.items()}
+    if isinstance(x, dict):  # token ids + mask; a video batch (frames or their features + frame mask)
+        return {k: _to(v, device) for k, v in x.items()}
     return x  # precomputed features (the recipe's frozen-backbone evaluation) stay where they are

@@ -5,9 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mdpd_vl.backbones.base import checkpoint_segments
 from mdpd_vl.errors import UserError
 
 BACKBONE_TRAINABLE = ("head", "norms_last_k", "norms_all")
+GEN_WIDTHS = ("backbone", "code", "bottleneck")
+DEEP_OUTPUTS = ("masked", "all")
+FEATURE_DTYPES = ("compute", "native")
+# the checkpointing granularity `+ckpt` means in the benchmark and the docs: the best measured trade-off
+# of step time against peak memory for norms_all (tasks/bench.md, "checkpoint granularity")
+RECOMMENDED_CHECKPOINTING = "every_2"
 LOGITS_OBJECTIVES = ("mse", "relational", "none")
 SCHEDULES = ("joint", "alternate")
 
@@ -28,6 +35,39 @@ class DistillConfig:
     gen_hidden: int | None = field(
         default=None,
         metadata={"help": 'hidden channels of the generation block G (Conv3x3 -> ReLU -> Conv3x3); None = d.'},
+    )
+    gen_width: str = field(
+        default="backbone",
+        metadata={"help": "how G is parametrised: 'backbone' (the paper: G maps the masked phi(s), D_B wide, to D_B), "
+                  "'code' (the same map, its first conv learnt on phi's masked code: d + 2 input channels instead "
+                  "of D_B, the same function class) or 'bottleneck' (G maps the masked code, d wide, to d and phi's "
+                  "M_up lifts it to D_B: 9 x 2 x d x hidden instead of 9 x 2 x D_B x hidden weights per deep layer)."},
+    )
+    deep_outputs: str = field(
+        default="masked",
+        metadata={"help": "where G's second conv (and the lift to D_B) is computed: 'masked' = only at the masked "
+                  "tokens the deep loss reads (exact: the loss ignores the others), 'all' = every token."},
+    )
+    fold_up: bool = field(
+        default=True,
+        metadata={"help": "gen_width backbone: fold phi's M_up and the mask token into G's first conv, so the D_B-wide "
+                  "masked map is never materialised (exact reparametrisation of the same function)."},
+    )
+    fuse_loss: bool = field(
+        default=True,
+        metadata={"help": "compute the last map before each feature loss (phi's M_up for imitation and for the "
+                  "bottleneck G, G's second conv for the paper's G) inside the squared error and rebuild it in "
+                  "backward, so no D_B-wide output or difference is kept for backward (exact)."},
+    )
+    share_phi: bool = field(
+        default=False,
+        metadata={"help": "one bottleneck phi for all distilled layers of equal widths instead of one per layer."},
+    )
+    feature_dtype: str = field(
+        default="compute",
+        metadata={"help": "dtype of the detached frozen features (side inputs, teachers) under autocast: 'compute' = "
+                  "the autocast dtype (bf16: half the bytes), 'native' = as the backbone returns them. Losses are "
+                  "always accumulated in float32."},
     )
     mask_ratio: float = field(
         default=0.5,
@@ -81,9 +121,11 @@ class DistillConfig:
         default=1,
         metadata={"help": 'number of deepest backbone blocks whose norms train when backbone_trainable=norms_last_k.'},
     )
-    checkpointing: bool = field(
+    checkpointing: bool | str | int = field(
         default=False,
-        metadata={"help": 'activation checkpointing of the backbone blocks (recompute in backward, saves memory).'},
+        metadata={"help": "activation checkpointing of the backbone blocks (recompute in backward, saves memory): "
+                  "none | all | every_<k> (every k-th block; an integer k too) | sqrt (sqrt(L) segments); "
+                  "true = all, false = none. tasks/bench.md measures each."},
     )
     schedule: str = field(
         default="joint",
@@ -134,6 +176,17 @@ class DistillConfig:
         if self.backbone_trainable not in BACKBONE_TRAINABLE:
             valid = ", ".join(BACKBONE_TRAINABLE)
             raise bad("backbone_trainable", f"unknown choice {self.backbone_trainable!r}; valid: {valid}")
+        for name, valid in (("gen_width", GEN_WIDTHS), ("deep_outputs", DEEP_OUTPUTS),
+                            ("feature_dtype", FEATURE_DTYPES)):
+            if getattr(self, name) not in valid:
+                raise bad(name, f"unknown choice {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        for name in ("fold_up", "fuse_loss", "share_phi"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, f"must be true or false, got {getattr(self, name)!r}")
+        try:
+            checkpoint_segments(self.checkpointing, 1)
+        except ValueError as err:
+            raise bad("checkpointing", str(err)) from None
         if not isinstance(self.last_k, int) or self.last_k < 1:
             raise bad("last_k", f"must be a positive integer, got {self.last_k!r}")
         if self.schedule not in SCHEDULES:

@@ -31,15 +31,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mdpd_vl.backbones.base import Backbone
+from mdpd_vl.backbones.base import Backbone, LayerSpec
 from mdpd_vl.distill.bottleneck import Bottleneck
 from mdpd_vl.distill.config import DistillConfig
 from mdpd_vl.distill.generation import GenerationBlock, draw_token_mask
-from mdpd_vl.distill.losses import imitation_loss, logits_mse, masked_generation_loss, relational_kl
+from mdpd_vl.distill.hfd import deep_loss, shallow_loss
+from mdpd_vl.distill.losses import logits_mse, relational_kl
+from mdpd_vl.distill.phases import phase as mark
 from mdpd_vl.distill.steps import watch_optimizer_steps
 from mdpd_vl.errors import UserError
 from mdpd_vl.export import FadedModel
-from mdpd_vl.side.base import SideNetwork
+from mdpd_vl.side.base import SideNetwork, SideOutput
 from mdpd_vl.side.lst import mask_for
 
 TaskLoss = Callable[[Tensor], Tensor]
@@ -165,23 +167,7 @@ class DualPath(nn.Module):
         self.head_side, self.head_backbone = head_side, head_backbone
         self.shallow_layers, self.deep_layers = self._split_layers(cfg, backbone.num_layers)
         self._check_width(cfg, side.layer_widths, backbone.widths)
-        specs = backbone.layer_specs
-        hidden = cfg.gen_hidden or cfg.d
-        self.phi = nn.ModuleDict(
-            {
-                str(i): Bottleneck(side.layer_widths[i], self.bottleneck_width(cfg, side.layer_widths[i], backbone.widths[i]),
-                                   backbone.widths[i])
-                for i in self.shallow_layers + self.deep_layers
-            }
-        )
-        self.generators = nn.ModuleDict({str(i): GenerationBlock(specs[i], hidden) for i in self.deep_layers})
-        # one learnable mask token per distinct deep-layer width (layers of equal width share it)
-        self.mask_tokens = nn.ParameterDict(
-            {
-                str(w): nn.Parameter(torch.randn(w) * 0.02)
-                for w in sorted({backbone.widths[i] for i in self.deep_layers})
-            }
-        )
+        self._build_distill_modules(cfg, side.layer_widths, backbone)
         self._norms = self._select_norms(cfg, backbone)
         self._freeze()
         backbone.set_checkpointing(cfg.checkpointing)
@@ -221,6 +207,43 @@ class DualPath(nn.Module):
                 field="distill.d",
             )
 
+    def _build_distill_modules(self, cfg: DistillConfig, side_widths: list[int], backbone: Backbone) -> None:
+        """phi per distilled layer (or one per distinct width triple with `share_phi`), G per deep layer
+        (in the backbone's or the bottleneck's width, `gen_width`) and the learnable mask tokens."""
+        specs, widths = backbone.layer_specs, backbone.widths
+        hidden = cfg.gen_hidden or cfg.d
+        code = {i: self.bottleneck_width(cfg, side_widths[i], widths[i]) for i in self.shallow_layers + self.deep_layers}
+        self._phi_key = {
+            i: (f"{side_widths[i]}_{code[i]}_{widths[i]}" if cfg.share_phi else str(i)) for i in code
+        }
+        self.phi = nn.ModuleDict()
+        for i, key in self._phi_key.items():
+            if key not in self.phi:
+                self.phi[key] = Bottleneck(side_widths[i], code[i], widths[i])
+        self.generators = nn.ModuleDict({str(i): self._generator(cfg, specs[i], hidden, code[i]) for i in self.deep_layers})
+        # one learnable mask token per distinct width it replaces (layers of equal width share it):
+        # D_B for the paper's G, the code width d with gen_width: bottleneck; gen_width: code has none
+        # (the weights of its mask channel play that part)
+        self._token_width = {
+            i: code[i] if cfg.gen_width == "bottleneck" else widths[i] for i in self.deep_layers if cfg.gen_width != "code"
+        }
+        self.mask_tokens = nn.ParameterDict(
+            {str(w): nn.Parameter(torch.randn(w) * 0.02) for w in sorted(set(self._token_width.values()))}
+        )
+
+    @staticmethod
+    def _generator(cfg: DistillConfig, spec: LayerSpec, hidden: int, code: int) -> GenerationBlock:
+        """G of one deep layer in the width `gen_width` asks for."""
+        if cfg.gen_width == "bottleneck":
+            return GenerationBlock(spec, hidden, code, code)
+        if cfg.gen_width == "code":
+            return GenerationBlock(spec, hidden, in_width=code + 2)  # code + the two indicator channels
+        return GenerationBlock(spec, hidden)
+
+    def phi_of(self, layer: int) -> Bottleneck:
+        """The bottleneck phi of layer `layer` (shared between layers with `share_phi`)."""
+        return self.phi[self._phi_key[layer]]  # type: ignore[return-value]
+
     @staticmethod
     def bottleneck_width(cfg: DistillConfig, side_width: int, backbone_width: int) -> int:
         """phi's width at one layer: d, capped at that layer's narrower width."""
@@ -253,7 +276,7 @@ class DualPath(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named, disjoint parameter groups: side, distill, side_head, backbone_head, backbone_norms."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
-        distill = list(self.phi.parameters()) + list(self.generators.parameters())
+        distill = list(self.phi.parameters()) + list(self.generators.parameters())  # shared phi: once
         distill += list(self.mask_tokens.values())
         return {
             "side": [p for p in self.side.parameters() if id(p) not in backbone_ids],
@@ -320,25 +343,38 @@ class DualPath(nn.Module):
         cfg, grad = self.cfg, torch.is_grad_enabled()
         phase = self._phase()
         valid = self.backbone.padding_mask(x)
-        with torch.set_grad_enabled(grad and bool(self._norms) and phase != "side"):
+        with mark("backbone"), torch.set_grad_enabled(grad and bool(self._norms) and phase != "side"):
             feats = self.backbone.features(x, with_input=self.side.reads_input)
-        emb = feats.pop(0).detach() if self.side.reads_input else None
-        side_in = [f.detach() for f in feats]
+        emb = self._frozen(feats.pop(0)) if self.side.reads_input else None
+        side_in = [self._frozen(f) for f in feats]
         with torch.set_grad_enabled(grad and phase != "backbone"):
-            side_out = self.side(side_in, valid, emb)
-            y_side = self.head_side(side_out.tokens, mask_for(valid, side_out.tokens.shape[1]))
-        with torch.set_grad_enabled(grad and phase != "side"):
+            with mark("side"):
+                side_out = self.side(side_in, valid, emb)
+            with mark("heads"):
+                y_side = self.head_side(side_out.tokens, mask_for(valid, side_out.tokens.shape[1]))
+        with mark("heads"), torch.set_grad_enabled(grad and phase != "side"):
             y_backbone = self.head_backbone(feats[-1], valid)
         if self.ema is not None and phase != "side":
-            y_teacher = self.ema(self.side, self.head_side, side_in, valid, emb)
+            with mark("side"):
+                y_teacher = self.ema(self.side, self.head_side, side_in, valid, emb)
         else:
             y_teacher = y_side.detach()
 
         losses: dict[str, Tensor] = {}
         if phase != "backbone":
             if task_loss is not None:
-                losses["task_side"] = cfg.task_weight * task_loss(y_side)
-            losses.update(self._feature_losses(side_in, side_out.layers, valid))
+                with mark("losses"):
+                    losses["task_side"] = cfg.task_weight * task_loss(y_side)
+            losses.update(self._feature_losses(side_in, side_out, valid))
+        with mark("losses"):
+            losses.update(self._backbone_losses(phase, y_teacher, y_backbone, task_loss))
+        if self.training and grad:
+            self.step += 1
+        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses, y_teacher=y_teacher)
+
+    def _backbone_losses(self, phase: str, y_teacher: Tensor, y_backbone: Tensor,
+                         task_loss: TaskLoss | None) -> dict[str, Tensor]:
+        cfg, losses = self.cfg, {}
         if phase != "side":
             if cfg.logits != "none":
                 if cfg.logits == "mse":
@@ -348,26 +384,34 @@ class DualPath(nn.Module):
                 losses["logits"] = cfg.logits_weight * raw
             if cfg.task_on_backbone and task_loss is not None:
                 losses["task_backbone"] = cfg.task_weight * task_loss(y_backbone)
-        if self.training and grad:
-            self.step += 1
-        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses, y_teacher=y_teacher)
+        return losses
+
+    def _frozen(self, feature: Tensor) -> Tensor:
+        """A frozen feature as the side network and the losses read it: a detached view, cast to the
+        autocast dtype under autocast (`feature_dtype: compute`) so 12 layers of teachers cost half."""
+        out = feature.detach()
+        if self.cfg.feature_dtype == "compute" and torch.is_autocast_enabled(out.device.type):
+            dtype = torch.get_autocast_dtype(out.device.type)
+            if out.is_floating_point() and out.dtype != dtype:
+                out = out.to(dtype)
+        return out
 
     def _mask_generator(self) -> torch.Generator:
         # seeded from (seed, step): reproducible, and exact after resume without saving RNG state
         return torch.Generator().manual_seed((self.cfg.seed * 0x9E3779B1 + self.step) % (2**63))
 
-    def _feature_losses(self, teachers: list[Tensor], students: list[Tensor], valid: Tensor | None) -> dict[str, Tensor]:
+    def _feature_losses(self, teachers: list[Tensor], students: SideOutput, valid: Tensor | None) -> dict[str, Tensor]:
         cfg, out = self.cfg, {}
         if self.shallow_layers:
-            total = sum(
-                imitation_loss(teachers[i], self.phi[str(i)](students[i]), _valid_for(valid, teachers[i]))
-                for i in self.shallow_layers
-            )
+            total = teachers[0].new_zeros((), dtype=torch.float32)
+            for i in self.shallow_layers:
+                v = _valid_for(valid, teachers[i])
+                total = total + shallow_loss(cfg, self.phi_of(i), teachers[i], students, i, v)
             out["shallow"] = cfg.shallow_weight * total
         if self.deep_layers:
             gen = self._mask_generator()
             by_shape: dict[tuple[int, int], Tensor] = {}
-            total = 0
+            total = teachers[0].new_zeros((), dtype=torch.float32)
             self.last_masks = {}
             for i in self.deep_layers:
                 b = teachers[i]
@@ -376,12 +420,9 @@ class DualPath(nn.Module):
                     by_shape[key] = draw_token_mask(b.shape[0], key[0], cfg.mask_ratio, gen, key[1]).to(b.device)
                 m = by_shape[key]
                 self.last_masks[i] = m
-                v = _valid_for(valid, b)
-                h = self.phi[str(i)](students[i])
-                s_bar = torch.where(m.unsqueeze(-1), self.mask_tokens[str(b.shape[-1])].to(h.dtype), h)
-                if v is not None:
-                    s_bar = s_bar * v.unsqueeze(-1).to(s_bar.dtype)  # padding acts as zero padding for G
-                total = total + masked_generation_loss(b, self.generators[str(i)](s_bar), m, v)
+                token = self.mask_tokens[str(self._token_width[i])] if i in self._token_width else None
+                block = self.generators[str(i)]
+                total = total + deep_loss(cfg, self.phi_of(i), block, token, b, students, i, m, _valid_for(valid, b))
             out["deep"] = cfg.deep_weight * total
         return out
 

@@ -10,15 +10,23 @@ Teachers are always detached inside these functions, so a caller cannot forget i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def _token_weights(n_batch: int, n_tokens: int, valid: Tensor | None, ref: Tensor) -> Tensor:
-    if valid is None:
-        return torch.ones(n_batch, n_tokens, 1, dtype=ref.dtype, device=ref.device)
-    return valid.to(device=ref.device, dtype=ref.dtype).unsqueeze(-1)
+def _squared_error(teacher: Tensor, student: Tensor) -> Tensor:
+    """(b - s)^2 elementwise, in float32 (a no-op cast in fp32; bf16 sums over N x D would lose digits).
+    Autograd keeps only the difference for backward, not a copy of the teacher."""
+    acc = _accumulation_dtype(teacher, student)
+    return (teacher.detach().to(acc) - student.to(acc)).pow(2)
+
+
+def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input already is (tests check gradients in double)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def imitation_loss(teacher: Tensor, student: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -26,8 +34,9 @@ def imitation_loss(teacher: Tensor, student: Tensor, valid: Tensor | None = None
 
     `valid` (`B x N` bool) drops padding tokens of text; the teacher b is detached.
     """
-    w = _token_weights(teacher.shape[0], teacher.shape[1], valid, student)
-    diff = (teacher.detach() - student).pow(2) * w
+    diff = _squared_error(teacher, student)
+    if valid is not None:
+        diff = diff * valid.to(device=diff.device, dtype=diff.dtype).unsqueeze(-1)
     return diff.sum() / teacher.shape[0]
 
 
@@ -38,11 +47,19 @@ def masked_generation_loss(
 
     Tokens with `mask` False (unmasked) or `valid` False (padding) contribute nothing.
     """
-    m = mask.to(device=generated.device, dtype=generated.dtype).unsqueeze(-1)
+    m = mask.to(device=generated.device, dtype=torch.float32)
     if valid is not None:
-        m = m * _token_weights(teacher.shape[0], teacher.shape[1], valid, generated)
-    diff = (teacher.detach() - generated).pow(2) * m
+        m = m * valid.to(device=generated.device, dtype=torch.float32)
+    diff = _squared_error(teacher, generated) * m.unsqueeze(-1)
     return diff.sum() / teacher.shape[0]
+
+
+def masked_rows_loss(teacher: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
+    """L_deep from G's outputs at the read tokens only: `rows` (`M x D`) are G(s_bar) at `positions`
+    (`B x N` bool, masked and valid) in the order of `teacher[positions]`. Equals
+    `masked_generation_loss` on the full output (the other tokens are multiplied by 0 there)."""
+    picked = teacher.detach()[positions.to(teacher.device)]
+    return _squared_error(picked, rows).sum() / teacher.shape[0]
 
 
 def logits_mse(teacher: Tensor, student: Tensor) -> Tensor:
@@ -67,3 +84,47 @@ def relational_kl(teacher: Tensor, student: Tensor, temperature: float) -> Tenso
     log_p = F.log_softmax(zs @ zs.T / temperature, dim=-1)
     log_q = F.log_softmax(zb @ zb.T / temperature, dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+class _LiftedSquaredError(torch.autograd.Function):
+    """sum_r ||t_r - (x_r W^T + c)||^2 over rows, keeping nothing D wide for backward.
+
+    `x` is `B x N x d` (every token) or `M x d` (the rows at `positions`, in `teacher[positions]`
+    order); the D-wide lift and the difference are rebuilt in backward from x (d wide), the weight and
+    the teacher (alive anyway: the side network read it). The lift runs in x's dtype (bf16 under
+    autocast) in both passes, the difference and the sum in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, teacher: Tensor, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor | None) -> Tensor:
+        ctx.save_for_backward(teacher, x, weight, bias, positions)
+        return _lifted_residual(teacher, x, weight, bias, positions).pow(2).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None]:
+        teacher, x, weight, bias, positions = ctx.saved_tensors
+        r = _lifted_residual(teacher, x, weight, bias, positions)
+        g = (r * (-2.0 * grad)).to(x.dtype)  # d loss / d lift
+        grad_x = (g @ weight.to(x.dtype)).to(x.dtype) if ctx.needs_input_grad[1] else None
+        rows_g, rows_x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = (rows_g.t() @ rows_x).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_b = rows_g.sum(0).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return None, grad_x, grad_w, grad_b, None
+
+
+def _lifted_residual(teacher: Tensor, x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor | None) -> Tensor:
+    t = teacher if positions is None else teacher[positions]
+    with torch.autocast(x.device.type, enabled=False):
+        lift = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+    acc = _accumulation_dtype(t, lift)
+    return t.to(acc) - lift.to(acc)
+
+
+def lifted_squared_error(teacher: Tensor, x: Tensor, lift: torch.nn.Linear, positions: Tensor | None = None) -> Tensor:
+    """sum of (b - lift(x))^2 over the rows the loss reads, mean over the batch: `imitation_loss(b, lift(x))`
+    when `positions` is None (x: `B x N x d`), `masked_rows_loss(b, lift(x), positions)` otherwise
+    (x: `M x d`, the rows at `positions`), without keeping the D-wide lift for backward (exact)."""
+    if positions is not None:
+        positions = positions.to(teacher.device)
+    total = _LiftedSquaredError.apply(teacher.detach(), x, lift.weight, lift.bias, positions)
+    return total / teacher.shape[0]

@@ -49,8 +49,12 @@ CLIP_LOGIT_SCALE_MAX = math.log(100)  # main_task_retrieval.py: clamp_(logit_sca
 
 
 # ----------------------------------------------------------------------------- frames
-def frames_of(video: Tensor, frame_mask: Tensor | None) -> Tensor:
-    """The valid frames of a `B x T x ...` video batch as one `N x ...` image batch (frame order kept)."""
+def frames_of(video: Any, frame_mask: Tensor | None) -> Any:
+    """The valid frames of a `B x T x ...` video batch as one `N x ...` image batch (frame order kept).
+    Anything but a tensor (per-frame features computed earlier, `backbones.base.Precomputed`) already
+    holds only the valid frames, in that order, and is returned as it is."""
+    if not isinstance(video, Tensor):
+        return video
     if frame_mask is None:
         return video.flatten(0, 1)
     return video[frame_mask.bool()]
@@ -64,6 +68,13 @@ def scatter_frames(values: Tensor, frame_mask: Tensor | None, shape: tuple[int, 
     out = values.new_zeros(b, t, *values.shape[1:])
     out[frame_mask.bool()] = values
     return out
+
+
+def video_shape(video: Any, frame_mask: Tensor | None) -> tuple[int, int]:
+    """`(B, T)` of a video batch: the frame mask's shape, else the tensor's first two axes."""
+    if frame_mask is not None:
+        return int(frame_mask.shape[0]), int(frame_mask.shape[1])
+    return int(video.shape[0]), int(video.shape[1])
 
 
 def masked_frame_mean(frames: Tensor, mask: Tensor | None) -> Tensor:
@@ -338,10 +349,10 @@ class VideoEncoder(nn.Module):
         self.frame_encoder = frame_encoder
         self.sim = sim
 
-    def frames(self, video: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    def frames(self, video: Any, frame_mask: Tensor | None = None) -> Tensor:
         """Per-frame embeddings `B x T x E` (zeros at padded frames)."""
         y = self.frame_encoder(frames_of(video, frame_mask))
-        return scatter_frames(y, frame_mask, (video.shape[0], video.shape[1]))
+        return scatter_frames(y, frame_mask, video_shape(video, frame_mask))
 
     def forward(self, video: Tensor | dict[str, Tensor], frame_mask: Tensor | None = None) -> Tensor:
         if isinstance(video, dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -10,13 +10,37 @@ from torch import Tensor, nn
 from mdpd_vl.backbones.base import Backbone, LayerSpec
 
 
-@dataclass
 class SideOutput:
     """`layers[l]` is s_l (`B x N_l x D_S,l`, same token count as b_l); `tokens` feed the side head
-    (`B x N x out_width`: the deepest layer's tokens, or one pooled token for UniPT's CLIP4Clip form)."""
+    (`B x N x out_width`: the deepest layer's tokens, or one pooled token for UniPT's CLIP4Clip form).
 
-    layers: list[Tensor]
-    tokens: Tensor
+    A network whose s_l lives on a coarser token layout than b_l (UniPT's CNN form, LST's pooled
+    ladder) stores it there with `lifts[l]`, the resampling to b_l's tokens. Resampling is a convex
+    combination of tokens (bilinear, average pooling, prefix means), so it commutes with every
+    token-wise affine map f: `mapped(l, f) = lift(f(coarse))` equals `f(layers[l])` up to rounding,
+    at the coarse grid's cost (the distillation applies phi's M_down this way).
+    """
+
+    def __init__(self, layers: list[Tensor], tokens: Tensor, lifts: list[Callable[[Tensor], Tensor] | None] | None = None):
+        self.stored, self.tokens = list(layers), tokens
+        self.lifts = list(lifts) if lifts is not None else [None] * len(self.stored)
+        if len(self.lifts) != len(self.stored):
+            raise ValueError(f"{len(self.lifts)} lifts for {len(self.stored)} layers")
+
+    @property
+    def layers(self) -> list[Tensor]:
+        """s_1..s_L at b_l's token counts (materialises every lifted layer)."""
+        return [self.layer(i) for i in range(len(self.stored))]
+
+    def layer(self, index: int) -> Tensor:
+        """s_l at b_l's token count."""
+        return self.mapped(index, lambda t: t)
+
+    def mapped(self, index: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """`fn(s_l)` for a token-wise affine `fn`, computed on the stored layout and then lifted."""
+        lift = self.lifts[index]
+        out = fn(self.stored[index])
+        return out if lift is None else lift(out)
 
 
 class SideNetwork(nn.Module):

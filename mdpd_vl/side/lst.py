@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -263,6 +265,7 @@ class LST(SideNetwork):
         prev = self._coarse(self.input_layout, start.shape[1])
         h = self.first_down(self._pool(start, self.input_layout, prev))
         layers: list[Tensor] = []
+        lifts: list[Callable[[Tensor], Tensor] | None] = []
         for i, (b, spec) in enumerate(zip(feats, self.specs)):
             coarse = self._coarse(spec, b.shape[1])
             if str(i) in self.blocks:
@@ -271,8 +274,11 @@ class LST(SideNetwork):
                 h = g * h + (1 - g) * self.down[str(i)](self._pool(b, spec, coarse))
                 h = self.blocks[str(i)](h, mask_for(mask, h.shape[1]))
                 prev = coarse
-            layers.append(resample_tokens(h, prev, spec, b.shape[1]))
-        return SideOutput(layers=layers, tokens=self.head(self.norm(h)))
+            # s_l stays on the ladder's layout; the distillation lifts it after its affine phi (exact)
+            layers.append(h)
+            lifts.append(None if h.shape[1] == b.shape[1] and prev.prefix == spec.prefix
+                         else partial(resample_tokens, src=prev, dst=spec, n_dst=b.shape[1]))
+        return SideOutput(layers=layers, tokens=self.head(self.norm(h)), lifts=lifts)
 
     def _pool(self, b: Tensor, spec: LayerSpec, coarse: LayerSpec) -> Tensor:
         return b if coarse is spec else resample_tokens(b, spec, coarse, coarse_tokens(coarse))

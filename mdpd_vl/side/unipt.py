@@ -51,6 +51,8 @@ Deviations, all forced by reading layers of any backbone rather than one model's
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -201,8 +203,10 @@ class UniPT(SideNetwork):
         targets = [self.down[i](self.anchor_pool(i, b, anchor_raw)) for i, b in enumerate(feats[:-1])]
         anchor = self.down[-1](anchor_raw)
         tokens = self.fusion(anchor, targets, None)
-        layers = [resample_tokens(t, last, spec, b.shape[1]) for t, spec, b in zip(targets, self.specs, feats)]
-        return SideOutput(layers=[*layers, anchor], tokens=tokens)
+        # t_l stays on the anchor grid: the distillation's affine phi runs there and is then upsampled
+        # to b_l's grid (exact: resampling commutes with token-wise affine maps), 1/(r_h r_w) the cost
+        lifts = [partial(resample_tokens, src=last, dst=spec, n_dst=b.shape[1]) for spec, b in zip(self.specs, feats[:-1])]
+        return SideOutput(layers=[*targets, anchor], tokens=tokens, lifts=[*lifts, None])
 
     # -- CLIP4Clip (module_adapter.py) ------------------------------------------------------------
     def class_index(self, tokens: Tensor, mask: Tensor | None) -> Tensor:

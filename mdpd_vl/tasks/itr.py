@@ -13,23 +13,22 @@ the outputs (results.json, efficiency, card, summary with the time breakdown) co
 from __future__ import annotations
 
 import argparse
-import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mdpd_vl.atomic import check_paths
 from mdpd_vl.distill.config import DistillConfig
-from mdpd_vl.engine.config import TrainConfig, add_config_arguments, dump_config, load_config, parse_name_list
+from mdpd_vl.engine.config import TrainConfig, dump_config
 from mdpd_vl.engine.train import steps_per_epoch, train
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.heads.retrieval import RetrievalConfig
 from mdpd_vl.tasks import common, kit
 from mdpd_vl.tasks import itr_eval as ev
 from mdpd_vl.tasks.retrieval import DualTowerRetrieval
+from mdpd_vl.tuning import describe_objective
 from mdpd_vl.tuning.config import MethodConfig
 
 DATASETS = ("shapes", "flickr30k", "coco")
@@ -95,35 +94,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mdpd_vl.tasks.itr", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
-    p.add_argument("--backbone")
-    p.add_argument("--pretrained")
-    p.add_argument("--method", help="mdpd | unipt | sherl | lst | lora | adapter | bitfit | partial | linear | full")
-    p.add_argument("--output-dir")
-    p.add_argument("--compare", help="comma-separated methods run on identical data and seeds")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--print-config", metavar="FILE", help="write the resolved config as YAML to FILE and exit")
-    add_config_arguments(p)  # --config FILE, --set a.b=c
+    kit.add_arguments(p, "mdpd | unipt | sherl | lst | lora | adapter | bitfit | partial | linear | full")
     return p.parse_args(argv)
 
 
-FLAGS = {"dataset": "data.dataset", "data_root": "data.root", "backbone": "backbone", "pretrained": "pretrained",
-         "method": "method.name", "output_dir": "output_dir", "cache_features": "data.cache_features"}
+FLAGS = {**kit.COMMON_FLAGS, "dataset": "data.dataset", "data_root": "data.root", "cache_features": "data.cache_features"}
 
 
 def user_labels(args: argparse.Namespace) -> dict[str, str]:
     """Config key -> the option the user typed for it (`--method nonsense`, `--set train.lr=1`)."""
-    return {**common.flag_overrides(args, FLAGS)[1], **common.set_labels(args.overrides)}
+    return kit.user_labels(args, FLAGS)
 
 
 def resolve_config(args: argparse.Namespace) -> ITRConfig:
     """Defaults < dataset preset < --config file < flags < --set overrides; errors name the option."""
-    flags, _ = common.flag_overrides(args, FLAGS)
-    dataset = args.dataset or "shapes"
-    preset = [] if args.config else DATASET_PRESETS.get(dataset, [])
-    try:
-        return load_config(ITRConfig, args.config, [*preset, *flags, *args.overrides])
-    except UserError as err:
-        raise common.relabel(err, user_labels(args)) from None
+    return kit.resolve_config(ITRConfig, args, FLAGS, DATASET_PRESETS.get(args.dataset or "shapes", []))
 
 
 def index_dir(cfg: ITRConfig) -> Path:
@@ -217,7 +203,8 @@ def _finish(cfg: ITRConfig, command: str, model: DualTowerRetrieval, data: ev.Re
         task="itr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
         backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
         efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
-        config=dump_config(cfg), train_result=result, train_steps=result.step, cached_features=data.cached,
+        config=dump_config(cfg), objective=describe_objective(cfg.method, cfg.retrieval),
+        train_result=result, train_steps=result.step, cached_features=data.cached,
         export_dir=str(export_dir) if export_dir else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
     kit.write_results(out, results)
@@ -238,32 +225,8 @@ def _group_lr(cfg: ITRConfig, group: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
-    try:
-        return _main(args, cfg, common.command_line(argv, "mdpd_vl.tasks.itr"))
-    except UserError as err:  # said in the user's words: the option they typed, not a config key
-        raise common.relabel(err, user_labels(args)) from None
-
-
-def _main(args: argparse.Namespace, cfg: ITRConfig, command: str) -> int:
-    if args.print_config:
-        from mdpd_vl.engine.config import atomic_write_text, config_to_yaml
-
-        check_paths(out_files={"--print-config": args.print_config})
-        header = f"python -m mdpd_vl.tasks.itr --config {args.print_config}"
-        atomic_write_text(args.print_config, config_to_yaml(cfg, header))
-        return 0
-    check_paths(out_dirs={"--output-dir": cfg.output_dir}, in_dirs={"--data-root": common.data_root(cfg.data.root)})
-    if not args.compare:
-        run(cfg, command)
-        return 0
-    methods = parse_name_list(args.compare, "--compare", lambda name: replace(cfg.method, name=name))  # all checked
-    rows = []
-    for method in methods:
-        mcfg = copy.deepcopy(cfg)
-        mcfg.method = method
-        rows.append(run(mcfg, command, Path(cfg.output_dir) / method.name))
-    kit.show(kit.write_comparison(Path(cfg.output_dir), rows, command))
-    return 0
+    return kit.main(args, cfg, run, module="mdpd_vl.tasks.itr", flags=FLAGS, argv=argv,
+                    in_dirs={"--data-root": common.data_root(cfg.data.root)})
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ CACHE_EXACT = ("linear", "unipt", "sherl", "lst")
 
 
 def cache_is_exact(cfg: ITRConfig) -> bool:
-    """Frozen-feature caching gives the numbers of live passes (up to float16 storage) for this method."""
+    """Frozen-feature caching gives the numbers of live passes (up to float16 storage) for this method:
+    its backbone never changes, and runs in eval mode (`bn_eval` keeps dropout on in training, so a
+    live pass differs from step to step and one cached pass is not what it computes)."""
     m = cfg.method
-    return m.name in CACHE_EXACT or (m.name == "mdpd" and m.distill.backbone_trainable == "head")
+    frozen = m.name in CACHE_EXACT or (m.name == "mdpd" and m.distill.backbone_trainable == "head")
+    return frozen and m.backbone_mode == "eval"
 
 
 @dataclass
@@ -229,11 +232,11 @@ def _shown(path: Path) -> str:
 
 
 def write_card(out: Path, results: dict[str, Any], data: RetrievalData) -> Path:
-    """MODEL_CARD.md of an ITR run."""
+    """MODEL_CARD.md of an ITR run (its objective in words: `results["objective"]`)."""
     export_dir = Path(results["export_dir"]) if results["export_dir"] else None
     return kit.write_card(
         out, results, title=f"ITR {results['method']} on {results['dataset']}", task_words="image-text retrieval",
         deployed_summary="an image tower and a text tower (backbone + VSE head each) with the preprocessing "
                          "they were evaluated with; no side network.",
         metrics_table=metrics_table(results), use_snippet=use_snippet(export_dir, data),
-        data=f"{results['dataset']}, trained on `{results['config']['data']['train_split']}`.")
+        objective=results["objective"], data=f"{results['dataset']}, trained on `{results['config']['data']['train_split']}`.")

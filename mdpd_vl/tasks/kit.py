@@ -11,24 +11,31 @@ metrics, its deployed model) and the kit writes the same outputs for every task:
 - `export`: the deployed model through `mdpd_vl.export.export_task` (a plain backbone + head per part);
 - `write_card`: MODEL_CARD.md, whose "Use" snippet the recipe supplies (a test runs it);
 - `compare_row` / `write_comparison` / `plot`: the `--compare` table, JSON and chart;
-- `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are.
+- `summary` + `locations`: the end-of-run text, ending with the time breakdown and where things are;
+- `add_arguments` / `resolve_config` / `main`: the CLI every recipe shares (flags -> config keys with
+  errors that name the flag typed, `--print-config`, path checks before any work, `--compare`
+  validated in full before the first method trains).
 
 Several processes (`torchrun` / `accelerate launch`, see `mdpd_vl.dist`): one writer. A recipe
 creates its run folder with `output_dir` and runs everything after training through `on_main`
 (evaluation, efficiency timing, export, results.json, card, summary): the main process does it while
 the others wait, and `show` prints on the main process only. `export`, `write_card`,
-`write_results` and `write_comparison` write on the main process whoever calls them. `results`
-records how many processes trained and their batches (`training`).
+`write_results`, `write_comparison` and `--print-config` write on the main process whoever calls
+them. `results` records how many processes trained and their batches (`training`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
+import ctypes
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +43,19 @@ import torch
 from torch import nn
 
 from mdpd_vl import dist
-from mdpd_vl.atomic import write_text
+from mdpd_vl.atomic import check_paths, write_text
 from mdpd_vl.cards import markdown_table, write_model_card
-from mdpd_vl.engine.config import TrainConfig
+from mdpd_vl.engine.config import (
+    TrainConfig,
+    add_config_arguments,
+    atomic_write_text,
+    config_to_yaml,
+    load_config,
+    parse_name_list,
+)
 from mdpd_vl.engine.memory import gib, measure_train_state
 from mdpd_vl.engine.train import batch_facts
+from mdpd_vl.errors import UserError
 from mdpd_vl.tasks import common
 
 RESULT_KEYS = ("task", "dataset", "split", "method", "backbone", "metrics", "metrics_side_kept",
@@ -132,6 +147,32 @@ def timings_table(record: Mapping[str, Any]) -> str:
     return markdown_table(rows)
 
 
+# ----------------------------------------------------------------------------- the allocator
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (glibc malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed large blocks for reuse instead of handing them back to the kernel.
+
+    A CPU training step allocates and frees the same large activations every step. glibc serves a
+    block above its mmap threshold (at most 32 MiB by default) with a fresh mmap and unmaps it on
+    free, so every step touches new zero-filled pages: about 0.5 M page faults (2 GB) and 1 s of
+    system time per step of the embedded default, 15-20% of its CPU time (measured with
+    getrusage; tasks/itr.md). Raising the mmap and trim thresholds (mallopt) serves those blocks
+    from the heap, where the next step reuses them. The process keeps up to its peak (it would
+    reach it anyway). No-op where the C library is not glibc, or when the user set
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves. Returns whether it applied."""
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in (
+            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 2**31 - 1)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+
+
 # ----------------------------------------------------------------------------- efficiency
 @dataclass
 class TrainStep:
@@ -184,6 +225,19 @@ def qps_interleaved(calls: Mapping[str, Callable[[], Any]], items: int, rounds: 
     return {name: round(items / statistics.median(ts), 2) for name, ts in times.items()}
 
 
+def optimizer_groups(groups: Mapping[str, Sequence[nn.Parameter]], group_lr: Mapping[str, float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """The engine's parameter groups from a model's named ones (`param_groups()`): a group whose name ends
+    with a key of `group_lr` gets that learning rate (`backbone_norms: 1e-4`); empty groups are left out."""
+    out = []
+    for name, params in groups.items():
+        if not params:
+            continue
+        lr = next((float(v) for suffix, v in (group_lr or {}).items() if name.endswith(suffix)), None)
+        out.append({"name": name, "params": list(params), **({"lr": lr} if lr is not None else {})})
+    return out
+
+
 # ----------------------------------------------------------------------------- results, export, card
 def results(*, task: str, dataset: str, split: str, method: str, backbone: str, metrics: dict[str, Any],
             metrics_side_kept: dict[str, Any] | None, metrics_before_training: dict[str, Any] | None,
@@ -216,16 +270,25 @@ def export(deployed: Any, folder: Path) -> Path | None:
     return Path(folder)
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` relative to the working folder when it lies inside it (cards read better), else absolute."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return rel if not rel.startswith("..") else str(Path(path).resolve())
+
+
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
-               metrics_table: str, use_snippet: str, data: str) -> Path:
-    """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table."""
+               metrics_table: str, use_snippet: str, data: str, objective: str) -> Path:
+    """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table, written by
+    the main process.
+
+    `objective` states what the run optimised in words (`mdpd_vl.tuning.describe_objective`)."""
     dist.on_main(_write_card, out, results, title=title, task_words=task_words, deployed_summary=deployed_summary,
-                 metrics_table=metrics_table, use_snippet=use_snippet, data=data)
+                 metrics_table=metrics_table, use_snippet=use_snippet, data=data, objective=objective)
     return out / "MODEL_CARD.md"
 
 
 def _write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
-                metrics_table: str, use_snippet: str, data: str) -> Path:
+                metrics_table: str, use_snippet: str, data: str, objective: str) -> Path:
     eff = results["efficiency"]
     rows = [{"trainable params": eff["trainable_params"], "inference params": eff["inference_params"],
              "train peak": gib(eff["train_peak_bytes"]) if eff.get("train_peak_bytes") is not None else "-",
@@ -234,7 +297,8 @@ def _write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words
              "infer QPS side kept": eff.get("infer_qps_side_kept") or "-"}]
     return write_model_card(out / "MODEL_CARD.md", {
         "title": title, "task": task_words, "method": results["method"], "deployed_summary": deployed_summary,
-        "use_snippet": use_snippet, "data": data, "dataset": results["dataset"], "split": results["split"],
+        "use_snippet": use_snippet, "objective": objective, "data": data, "dataset": results["dataset"],
+        "split": results["split"],
         "metrics_table": metrics_table, "efficiency_table": markdown_table(rows),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "command": results["command"],
         "config": results["config"]})
@@ -296,9 +360,11 @@ def summary(results: Mapping[str, Any], metrics_table: str, where: list[tuple[st
 
 
 # ----------------------------------------------------------------------------- --compare
-def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str = "Rsum") -> dict[str, Any]:
+def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str = "Rsum",
+                columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """One `--compare` / report row: the headline metric deployed and side kept, their ratio, memory,
-    trainable parameters, training time (the training peak last: older results lack it)."""
+    trainable parameters, training time (the training peak last: older results lack it), then the
+    recipe's own `columns(r)` if given (e.g. `qps_columns`)."""
     eff, m, s = r["efficiency"], r["metrics"], r.get("metrics_side_kept") or {}
     side = s.get(key)
     d = r["config"]["method"].get("distill", {})
@@ -311,7 +377,33 @@ def compare_row(label: str, r: Mapping[str, Any], key: str = "rsum", name: str =
         "train state (GiB)": round(eff["train_state_bytes"] / 2**30, 3),
         "trainable (M)": round(eff["trainable_params"] / 1e6, 2), "train s": r["train_seconds"],
         "train peak (GiB)": round(peak / 2**30, 3) if peak is not None else "-",
+        **(columns(r) if columns is not None else {}),
     }
+
+
+def qps_columns(r: Mapping[str, Any]) -> dict[str, Any]:
+    """Throughput of the deployed model and of the side-kept one (MDPD) as a share of the bare
+    backbones', each timed interleaved with them in the run's own process (so comparable across
+    runs on a busy machine, unlike raw QPS)."""
+    eff = r["efficiency"]
+    bare = eff.get("infer_qps_bare")
+
+    def share(qps: Any) -> Any:
+        return round(qps / bare, 3) if qps and bare else "-"
+
+    return {"QPS / bare": share(eff.get("infer_qps")), "side kept QPS / bare": share(eff.get("infer_qps_side_kept"))}
+
+
+# Methods whose backbone never changes in training (linear probe, side-kept networks, head-only MDPD):
+# with the frozen parts in eval mode one pass gives the features every epoch would compute.
+FROZEN_EXACT = ("linear", "unipt", "sherl", "lst")
+
+
+def frozen_features_exact(method: Any) -> bool:
+    """Per-layer backbone features computed once are exactly what training would compute for this
+    `MethodConfig`: the backbone never changes and runs in eval mode (`bn_eval` keeps dropout on)."""
+    frozen = method.name in FROZEN_EXACT or (method.name == "mdpd" and method.distill.backbone_trainable == "head")
+    return frozen and method.backbone_mode == "eval"
 
 
 def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title: str = "") -> None:
@@ -342,18 +434,114 @@ def plot(path: str | Path, rows: list[dict[str, Any]], name: str = "Rsum", title
 
 
 def write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str = "rsum",
-                     name: str = "Rsum") -> str:
+                     name: str = "Rsum", columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None, *,
+                     labels: Sequence[str] | None = None, notes: str = "") -> str:
     """compare.md (one table for all methods), compare.json and compare.png, written by the main
     process (which alone holds `runs`: `on_main` returned None elsewhere); returns the table text there,
-    "" on the others."""
-    return dist.on_main(_write_comparison, folder, runs, command, key, name) or ""
+    "" on the others.
+
+    `labels` name the rows (default: each run's method), `columns(run)` adds a recipe's columns to its
+    row, `notes` (markdown) follows the table."""
+    return dist.on_main(_write_comparison, folder, runs, command, key, name, columns, labels, notes) or ""
 
 
-def _write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str, name: str) -> str:
-    table = [compare_row(r["method"], r, key, name) for r in runs]
-    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n"
+def _write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str, key: str, name: str,
+                      columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None,
+                      labels: Sequence[str] | None, notes: str) -> str:
+    names = list(labels) if labels is not None else [r["method"] for r in runs]
+    table = [compare_row(label, r, key, name, columns) for label, r in zip(names, runs)]
+    text = f"Measured by:\n\n```\n{command}\n```\n\n" + markdown_table(table) + "\n" + (f"\n{notes}\n" if notes else "")
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / "compare.md", text)
     common.write_json(folder / "compare.json", {"command": command, "rows": table})
     plot(folder / "compare.png", table, name)
     return text
+
+
+def compare_folder(label: str) -> str:
+    """The run folder name of one `--compare` entry (`mdpd:norms_all+ckpt` -> `mdpd_norms_all_ckpt`)."""
+    return label.replace(":", "_").replace("+", "_")
+
+
+def compare_entry(method: Any, entry: str) -> Any:
+    """The method config of one `--compare` entry: a method name, or `mdpd:<backbone_trainable>` with an
+    optional `+ckpt` (activation checkpointing), e.g. `mdpd:norms_all+ckpt`, so that MDPD's settings of
+    the backbone's trainable tensors are rows of one comparison."""
+    name, _, variant = entry.partition(":")
+    out = replace(method, name=name)
+    if not variant:
+        return out
+    if name != "mdpd":
+        raise UserError(f"only mdpd takes a variant (mdpd:head, mdpd:norms_all+ckpt), got {entry!r}")
+    trainable, _, flag = variant.partition("+")
+    if flag not in ("", "ckpt"):
+        raise UserError(f"unknown variant flag {flag!r} in {entry!r}; valid: +ckpt")
+    out.distill = replace(method.distill, backbone_trainable=trainable, checkpointing=flag == "ckpt")  # validated
+    return out
+
+
+# ----------------------------------------------------------------------------- the CLI every recipe shares
+# The options every recipe has, as argparse dest -> config key; a recipe adds its own (`--dataset`,
+# `--data-root`, ...) to the same mapping.
+COMMON_FLAGS = {"backbone": "backbone", "pretrained": "pretrained", "method": "method.name",
+                "output_dir": "output_dir"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
+    """The shared options: `--backbone`, `--pretrained`, `--method` (`methods` is its help),
+    `--output-dir`, `--compare`, `--print-config`, `--config FILE`, `--set KEY=VALUE`."""
+    parser.add_argument("--backbone")
+    parser.add_argument("--pretrained")
+    parser.add_argument("--method", help=methods)
+    parser.add_argument("--output-dir")
+    parser.add_argument("--compare", help="comma-separated methods run on identical data and seeds")
+    parser.add_argument("--print-config", metavar="FILE", help="write the resolved config as YAML to FILE and exit")
+    add_config_arguments(parser)  # --config FILE, --set a.b=c
+
+
+def user_labels(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, str]:
+    """Config key -> the option the user typed for it (`--method nonsense`, `--set train.lr=1`)."""
+    return {**common.flag_overrides(args, flags)[1], **common.set_labels(args.overrides)}
+
+
+def resolve_config(cls: type, args: argparse.Namespace, flags: Mapping[str, str], preset: Sequence[str] = ()) -> Any:
+    """Defaults < `preset` (ignored with `--config`) < `--config` file < flags < `--set`; a bad value
+    is one UserError naming the option the user typed, never a generated `--set`."""
+    overrides, _ = common.flag_overrides(args, flags)
+    try:
+        return load_config(cls, args.config, [*([] if args.config else preset), *overrides, *args.overrides])
+    except UserError as err:
+        raise common.relabel(err, user_labels(args, flags)) from None
+
+
+def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | None], Mapping[str, Any]], *,
+         module: str, flags: Mapping[str, str], argv: Sequence[str] | None = None,
+         in_dirs: Mapping[str, Any] | None = None, metric: tuple[str, str] = ("rsum", "Rsum"),
+         columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> int:
+    """Run a recipe from its parsed options: `--print-config`, else the paths checked (`in_dirs`: the
+    folders it reads, `{flag: path}`), then one `run(cfg, command, None)` or, with `--compare`,
+    one `run(cfg_m, command, output_dir/m)` per method (every name checked first) and the comparison table +
+    chart on `metric` (results key, display name). Errors raised later still name the option typed."""
+    command = common.command_line(argv, module)
+    keep_freed_memory()  # a CLI process: CPU training steps stop page-faulting their activations
+    try:
+        if args.print_config:
+            check_paths(out_files={"--print-config": args.print_config})
+            on_main(atomic_write_text, args.print_config,
+                    config_to_yaml(cfg, f"python -m {module} --config {args.print_config}"))
+            return 0
+        check_paths(out_dirs={"--output-dir": cfg.output_dir}, in_dirs=in_dirs)
+        if not args.compare:
+            run(cfg, command, None)
+            return 0
+        methods = parse_name_list(args.compare, "--compare", lambda e: (e, compare_entry(cfg.method, e)))
+        runs = []
+        for label, method in methods:
+            one = copy.deepcopy(cfg)
+            one.method = copy.deepcopy(method)
+            runs.append(run(one, command, Path(cfg.output_dir) / compare_folder(label)))
+        show(write_comparison(Path(cfg.output_dir), runs, command, *metric, columns=columns,
+                              labels=[label for label, _ in methods]))
+        return 0
+    except UserError as err:  # said in the user's words: the option they typed, not a config key
+        raise common.relabel(err, user_labels(args, flags)) from None

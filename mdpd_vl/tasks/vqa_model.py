@@ -36,9 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.crossmodal import CrossModalBackbone
+from mdpd_vl.deploy.vqa import VisualQuestionAnswerer, default_preprocess
 from mdpd_vl.distill.losses import logits_mse
 from mdpd_vl.errors import UserError
-from mdpd_vl.heads.crossmodal import POOLINGS, AnswerHead, answer_indices, answer_kl, gqa_bce, gqa_ce, vqa_bce
+from mdpd_vl.heads.crossmodal import POOLINGS, AnswerHead, answer_kl, gqa_bce, gqa_ce, vqa_bce
 from mdpd_vl.tuning import MdpdTuned, MethodConfig, TunedModel, apply_method
 
 TASKS = ("vqa", "gqa")
@@ -91,8 +92,11 @@ def task_loss(cfg: VQAConfig, logits: Tensor, batch: dict[str, Any]) -> Tensor:
     return gqa_ce(logits, label) if cfg.gqa_loss == "ce" else gqa_bce(logits, label)
 
 
-def batch_inputs(batch: dict[str, Any]) -> dict[str, Tensor]:
-    """The backbone input of a collated batch (`image`, and `text` from the question tokenizer)."""
+def batch_inputs(batch: dict[str, Any]) -> Any:
+    """The backbone input of a collated batch: `inputs` when the collate built it (image grids or
+    cached encoder features), else `image` + `text` (the question tokens)."""
+    if "inputs" in batch:
+        return batch["inputs"]
     return CrossModalBackbone.inputs(batch["image"], batch["text"])
 
 
@@ -176,47 +180,11 @@ class VQAModel(nn.Module):
             return self.tuned.core.side_kept()  # type: ignore[attr-defined]
         return self.tuned.deployed()
 
-    def answerer(self, side_kept: bool = False) -> QuestionAnswerer:
-        """`answer(images, questions) -> list[str]` over the deployed module."""
-        return QuestionAnswerer(self.deployed(side_kept), self.backbone, self.answers)
-
-
-class QuestionAnswerer:
-    """Images + questions -> answer strings, with the backbone's own preprocessing."""
-
-    def __init__(self, module: nn.Module, backbone: CrossModalBackbone, answers: Sequence[str]):
-        self.module, self.backbone, self.answers = module, backbone, list(answers)
-
-    def _images(self, images: Any) -> Tensor:
-        if isinstance(images, Tensor):
-            return images
-        transform = self.backbone.transform(False)
-        return torch.stack([transform(img) for img in images])
-
-    @torch.no_grad()
-    def logits(self, images: Any, questions: Sequence[str]) -> Tensor:
-        """`B x answers` logits; `images` is a `B x 3 x H x W` tensor or a list of PIL images."""
-        pixels = self._images(images)
-        if len(pixels) != len(questions):
-            raise ValueError(f"{len(pixels)} images but {len(questions)} questions")
-        device = next(self.module.parameters()).device
-        tokens = self.backbone.tokenize(list(questions))
-        x = CrossModalBackbone.inputs(pixels.to(device), {k: v.to(device) for k, v in tokens.items()})
-        was = self.module.training
-        self.module.eval()
-        try:
-            return self.module(x)
-        finally:
-            self.module.train(was)
-
-    def answer(self, images: Any, questions: Sequence[str]) -> list[str]:
-        """The most likely answer string of each question (argmax over the vocabulary)."""
-        return labels_to_answers(answer_indices(self.logits(images, questions)), self.answers)
-
-
-def labels_to_answers(labels: Tensor, answers: Sequence[str]) -> list[str]:
-    """Answer strings of predicted labels."""
-    return [answers[int(i)] for i in labels.reshape(-1).tolist()]
+    def answerer(self, side_kept: bool = False, preprocess: dict[str, Any] | None = None) -> VisualQuestionAnswerer:
+        """`answer(images, questions) -> list[str]` over the deployed (or side-kept) module, with the
+        evaluation's `preprocess` (default: the backbone's own transform and question length)."""
+        return VisualQuestionAnswerer(self.deployed(side_kept), preprocess or default_preprocess(self.backbone),
+                                      self.answers, self.backbone)
 
 
 def build_vqa_model(backbone: CrossModalBackbone, method: MethodConfig, answers: Sequence[str],

@@ -54,6 +54,7 @@ from mdpd_vl.heads.clip4clip import (
     scatter_frames,
     similarity_logits,
     symmetric_cross_entropy,
+    video_shape,
 )
 from mdpd_vl.heads.retrieval import relational_kl_2d
 from mdpd_vl.tuning.config import MethodConfig
@@ -93,27 +94,27 @@ class VTRConfig:
     )
 
     def __post_init__(self) -> None:
-        SIM_HEADS.get(self.sim, field="vtr.sim")
+        SIM_HEADS.get(self.sim, field="sim")
         if self.image_pool not in ("auto", "cls", "mean"):
-            raise UserError(f"unknown pool {self.image_pool!r}; valid: auto, cls, mean", field="vtr.image_pool")
+            raise UserError(f"unknown pool {self.image_pool!r}; valid: auto, cls, mean", field="image_pool")
         if self.text_pool not in ("auto", *POOLS):
-            raise UserError(f"unknown pool {self.text_pool!r}; valid: auto, {', '.join(POOLS)}", field="vtr.text_pool")
+            raise UserError(f"unknown pool {self.text_pool!r}; valid: auto, {', '.join(POOLS)}", field="text_pool")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}",
-                            field="vtr.objective")
+                            field="objective")
         for name in ("seq_layers", "max_positions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError("must be a positive integer", field=f"vtr.{name}")
+                raise UserError("must be a positive integer", field=name)
         for name in ("embed_dim", "seq_heads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise UserError("must be a positive integer or null", field=f"vtr.{name}")
+                raise UserError("must be a positive integer or null", field=name)
         if self.cross_relational < 0:
-            raise UserError("must be >= 0", field="vtr.cross_relational")
+            raise UserError("must be >= 0", field="cross_relational")
         if not self.rel_temperature > 0:
-            raise UserError("must be > 0", field="vtr.rel_temperature")
+            raise UserError("must be > 0", field="rel_temperature")
         if self.logit_scale_init > self.logit_scale_max:
-            raise UserError(f"exceeds logit_scale_max {self.logit_scale_max}", field="vtr.logit_scale_init")
+            raise UserError(f"exceeds logit_scale_max {self.logit_scale_max}", field="logit_scale_init")
 
 
 @dataclass
@@ -150,10 +151,11 @@ class VideoTextRetrieval(nn.Module):
         y, losses = tuned.train_forward(x)
         return TowerOut(y, None, None, dict(losses))
 
-    def video_tower(self, video: Tensor, frame_mask: Tensor | None) -> TowerOut:
-        """The video tower on the valid frames, outputs back in `B x T x E` (zeros at padding)."""
+    def video_tower(self, video: Any, frame_mask: Tensor | None) -> TowerOut:
+        """The video tower on the valid frames, outputs back in `B x T x E` (zeros at padding).
+        `video` is a `B x T x 3 x H x W` tensor or the valid frames' cached features (`Precomputed`)."""
         out = self._tower(self.video, frames_of(video, frame_mask))
-        shape = (video.shape[0], video.shape[1])
+        shape = video_shape(video, frame_mask)
 
         def put(y: Tensor | None) -> Tensor | None:
             return None if y is None else scatter_frames(y, frame_mask, shape)

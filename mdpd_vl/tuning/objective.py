@@ -98,7 +98,8 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
                  f"{d.mask_ratio:g}, weight {_weight(d.deep_weight)}).")
     trains = _TRAINABLE[d.backbone_trainable].format(k=d.last_k)
     parts.append(f"In the backbone, {trains} train{'s' if d.backbone_trainable == 'head' else ''}"
-                 + (", with activation checkpointing" if d.checkpointing else "") + ".")
+                 + (f", with activation checkpointing ({'all' if d.checkpointing is True else d.checkpointing})"
+                    if d.checkpointing not in (False, None, "none") else "") + ".")
     parts.append("Schedule: " + ("joint (every loss every step)." if d.schedule == "joint" else
                                  "alternate (even optimiser steps train the side path, odd steps the backbone path)."))
     parts.append(mode + " Served faded: the backbone + W_B only.")
