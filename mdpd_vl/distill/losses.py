@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mdpd_vl.dist import gather_batch
+
 
 def _squared_error(teacher: Tensor, student: Tensor) -> Tensor:
     """(b - s)^2 elementwise, in float32 (a no-op cast in fp32; bf16 sums over N x D would lose digits).
@@ -78,8 +80,10 @@ def relational_kl(teacher: Tensor, student: Tensor, temperature: float) -> Tenso
     z are the L2-normalised outputs of one batch, so the loss matches how each sample relates
     to the others (a ranking signal) rather than the raw embedding; output widths may differ.
     The teacher (side) is detached. Summed over the in-batch entries of a row, mean over rows.
+    Several processes: the rows are those of the global batch (`mdpd_vl.dist.gather_batch`).
     """
-    zs = F.normalize(teacher.detach().flatten(1), dim=-1)
+    teacher, student = gather_batch(teacher.detach(), student)
+    zs = F.normalize(teacher.flatten(1), dim=-1)
     zb = F.normalize(student.flatten(1), dim=-1)
     log_p = F.log_softmax(zs @ zs.T / temperature, dim=-1)
     log_q = F.log_softmax(zb @ zb.T / temperature, dim=-1)

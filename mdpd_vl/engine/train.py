@@ -10,13 +10,16 @@ Runs on `accelerate` (CPU, one GPU, or several processes started by `torchrun` /
   a step (it took no part in the loss) is **not** updated: AdamW skips it entirely, no moment decay,
   no weight decay. `schedule: alternate` (side step / backbone step) relies on this.
 - Several processes (`mdpd_vl.dist`): the model is not wrapped in DDP (step_fn may call any method of
-  it); the gradients are averaged across processes after each accumulation window instead, and rank
-  0's floating buffers are copied to all ranks after each step, as DDP does. BatchNorm layers compute
+  it); as DDP does, every process starts from rank 0's trainable tensors and buffers, the gradients
+  are averaged across processes after each accumulation window, and rank 0's floating buffers are
+  copied to all ranks after each step. BatchNorm layers compute
   their training statistics over the global batch (`dist.synced_batchnorm`), and in-batch losses
   gather the global batch themselves (`dist.gather_batch`), so N processes with `batch_size` B/N
   train what one process with B trains. Only the main process writes into the run folder
   (checkpoints, with every process's RNG state, metrics, config.json); `eval_fn` runs on the main
-  process only while the others wait.
+  process only while the others wait. Called inside a `dist.main_first` / `dist.on_main` section
+  (a stage the main process runs alone, e.g. VQA's shared connector alignment), `train` runs as one
+  process: the whole batch, no collectives.
 - Batch and learning rate: `batch_size` is per process and micro-batch; the global batch of an
   optimizer step is batch_size x grad_accum x processes (`batch_facts`). `lr_scaling: none` keeps
   every group's lr whatever the number of processes; `linear` multiplies it by the number of
@@ -286,6 +289,17 @@ def _sync_buffers(model: nn.Module) -> None:
     _all_ranks_flat([b for b in model.buffers() if b.is_floating_point()], lambda f: dist.broadcast(f, src=0))
 
 
+def _broadcast_start(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Rank 0's trainable tensors and floating buffers on every rank (DDP broadcasts them when it wraps
+    a model), so a recipe whose initialisation drew other random numbers on another process still
+    trains one model."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        tensors = [p.data for p in params] + [b for b in model.buffers() if b.is_floating_point()]
+        _all_ranks_flat(tensors, lambda f: dist.broadcast(f, src=0))
+
+
 def _scalar(value: Any, key: str) -> Tensor:
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -364,6 +378,8 @@ class _Run:
         start_from = ckpt.resolve_resume(Path(run_dir), resume)  # before anything is created on disk
         self.acc = _make_accelerator()
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        if dist.in_section():  # a stage one process runs alone (main_first / on_main): no collectives
+            self.rank, self.world = 0, 1
         self.run_dir = Path(run_dir)
         dist.on_main(ckpt.check_run_dir, run_dir)  # one writer: the others wait until it exists
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
@@ -407,6 +423,8 @@ class _Run:
         if self.acc.is_main_process:
             ckpt.remove_partial(self.run_dir)  # temp folders of a save that was killed or failed
         self._start(start_from)
+        if self.world > 1:  # every process starts from rank 0's tensors, as DDP's constructor makes them
+            _broadcast_start(model, self.params)
         precision = _resolve_precision(cfg, self.device)
         self.autocast = (
             partial(torch.autocast, device_type=self.device.type, dtype=torch.bfloat16)

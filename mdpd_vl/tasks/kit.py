@@ -17,9 +17,11 @@ metrics, its deployed model) and the kit writes the same outputs for every task:
   validated in full before the first method trains).
 
 Several processes (`torchrun` / `accelerate launch`, see `mdpd_vl.dist`): one writer. A recipe
-creates its run folder with `output_dir` and runs everything after training through `on_main`
-(evaluation, efficiency timing, export, results.json, card, summary): the main process does it while
-the others wait, and `show` prints on the main process only. `export`, `write_card`,
+creates its run folder with `output_dir`, builds shared artefacts that are not a feature cache (the
+shapes world and `cached_features` are main-first already) inside `main_first`, and runs everything
+after training through `on_main` (evaluation, efficiency timing, export, results.json, card,
+summary): the main process does it while the others wait, and `show` prints on the main process
+only. The engine trains as one process inside a section (a stage the main process runs alone). `export`, `write_card`,
 `write_results`, `write_comparison` and `--print-config` write on the main process whoever calls
 them. `results` records how many processes trained and their batches (`training`).
 """
@@ -67,7 +69,10 @@ EFFICIENCY_KEYS = ("trainable_params", "inference_params", "train_peak_bytes", "
 
 # ----------------------------------------------------------------------------- several processes
 on_main = dist.on_main  # fn on the main process only; the others wait (and get None)
+main_first = dist.main_first  # the block on the main process first (it writes), then on the others (they read)
 show = dist.show  # print on the main process only
+is_main = dist.is_main
+all_gather = dist.all_gather_object  # every process's object, in rank order ([obj] in one process)
 
 
 def output_dir(path: str | Path) -> Path:

@@ -158,9 +158,11 @@ def _groups(model: torch.nn.Module, cfg: VQARunConfig) -> list[dict[str, Any]]:
 
 
 def run(cfg: VQARunConfig, command: str, output_dir: Path | None = None,
-        memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        memo: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Align (or reuse the aligned connector), train, evaluate, export one method; returns the results
-    dict (also written to results.json). `memo` carries what methods of one --compare share."""
+    dict (also written to results.json). `memo` carries what methods of one --compare share.
+    Several processes: the main one aligns (the others load its connector), all train, the main one
+    alone evaluates, times, exports and writes (kit)."""
     timings, memo = kit.Timings(), memo if memo is not None else {}
     common.seed_everything(cfg.train.seed)
     with timings.phase("backbones + method"):
@@ -168,20 +170,22 @@ def run(cfg: VQARunConfig, command: str, output_dir: Path | None = None,
         backbone = setup.build_backbone(cfg)
     with timings.phase("data: shapes world / indexes"):
         data = setup.RunData.load(cfg, task, backbone, memo)
-    out = common.check_output_dir(output_dir or cfg.output_dir)
+    out = kit.output_dir(output_dir or cfg.output_dir)
     with timings.phase("data: image grids"):
         data.prepare_grids(cfg, backbone, memo)
-    with timings.phase("connector alignment (shared)"):
+    # trained by the main process alone and cached (the others load it); the method's initialisation
+    # then draws the same numbers whether the alignment ran or was loaded (fork_rng)
+    with timings.phase("connector alignment (shared)"), kit.main_first(), torch.random.fork_rng():
         alignment = setup.align(cfg, backbone, data)
     with timings.phase("backbones + method"):
         model = build_model(cfg, backbone, data.answers)
     frozen = setup.encoder_frozen(cfg)
     with timings.phase("data: feature cache" if frozen and cfg.data.cache_features else "data"):
         train_set, collate, cached = data.training_inputs(cfg, model.backbone, frozen)
-        evals = data.eval_inputs(model.backbone, frozen)
-    print(f"vqa: {cfg.method.name} on {cfg.data.dataset} ({task} questions: {len(train_set)} train, "
-          f"{len(data.eval.items)} {data.eval.name}), {len(data.answers)} answers, backbone {cfg.backbone}"
-          f"{', cached encoder features' if cached else ''}")
+        evals = kit.on_main(data.eval_inputs, model.backbone, frozen)
+    kit.show(f"vqa: {cfg.method.name} on {cfg.data.dataset} ({task} questions: {len(train_set)} train, "
+             f"{len(data.eval.items)} {data.eval.name}), {len(data.answers)} answers, backbone {cfg.backbone}"
+             f"{', cached encoder features' if cached else ''}")
 
     def step_fn(m: VQAModel, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         losses = m.losses(batch)
@@ -192,6 +196,14 @@ def run(cfg: VQARunConfig, command: str, output_dir: Path | None = None,
         result = train(model, step_fn, train_set, collate, _groups(model, cfg), cfg.train, out / "train",
                        resume="auto", config=dump_config(cfg))
         train_seconds = time.perf_counter() - t0
+    return kit.on_main(_finish, cfg, command, task, backbone, data, model, evals, out, result, train_seconds,
+                       cached, alignment, timings)
+
+
+def _finish(cfg: VQARunConfig, command: str, task: str, backbone: Any, data: setup.RunData, model: VQAModel,
+            evals: Any, out: Path, result: Any, train_seconds: float, cached: bool, alignment: dict[str, Any],
+            timings: kit.Timings) -> dict[str, Any]:
+    """After training, on the main process: evaluate, export, measure, write results.json + card, summary."""
     with timings.phase("evaluation"):
         deployed = model.answerer(preprocess=data.preprocess(cfg, backbone))
         metrics = ev.evaluate(deployed, evals, task, out / f"predictions_{data.eval.name}.json")
@@ -206,15 +218,15 @@ def run(cfg: VQARunConfig, command: str, output_dir: Path | None = None,
     results = kit.results(
         task="vqa", dataset=cfg.data.dataset, split=data.eval.name, method=cfg.method.name, backbone=cfg.backbone,
         metrics=metrics, metrics_side_kept=side, metrics_before_training=None, efficiency=efficiency,
-        train_seconds=train_seconds, timings=timings, command=command, config=dump_config(cfg),
+        train_seconds=train_seconds, timings=timings, command=command, config=dump_config(cfg), train_result=result,
         question_set=task, train_steps=result.step, cached_features=cached, majority_baseline=data.majority,
         alignment=alignment, num_answers=len(data.answers), counts=data.counts(),
         predictions={"eval": str(out / f"predictions_{data.eval.name}.json"), "predict": predicted},
         export_dir=str(export_dir) if export_dir else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
-    common.write_json(out / "results.json", results)
+    kit.write_results(out, results)
     card = ev.write_card(out, results, data.eval)
-    print(kit.summary(results, ev.metrics_table(results), kit.locations(out, export_dir, card, data.cache_dir)))
+    kit.show(kit.summary(results, ev.metrics_table(results), kit.locations(out, export_dir, card, data.cache_dir)))
     return results
 
 
@@ -224,7 +236,7 @@ def score_only(cfg: VQARunConfig, path: str) -> int:
     task = setup.check(cfg)
     split = setup.eval_split_only(cfg, task)
     metrics = ev.score_file(task, split, path)
-    print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("per_")}, indent=2))
+    kit.show(json.dumps({k: v for k, v in metrics.items() if not k.startswith("per_")}, indent=2))
     return 0
 
 
@@ -237,10 +249,10 @@ def compare(cfg: VQARunConfig, entries: str, command: str) -> int:
         one = copy.deepcopy(cfg)
         one.method = copy.deepcopy(method)
         runs.append(run(one, command, Path(cfg.output_dir) / kit.compare_folder(label), memo))
-    text = kit.write_comparison(Path(cfg.output_dir), runs, command, "accuracy", "accuracy",
-                                labels=[label for label, _ in methods], columns=setup.compare_columns,
-                                notes=setup.gains_table(runs, [label for label, _ in methods]))
-    print(text)
+    labels = [label for label, _ in methods]
+    kit.show(kit.on_main(lambda: kit.write_comparison(  # the main process alone holds the runs
+        Path(cfg.output_dir), runs, command, "accuracy", "accuracy", labels=labels, columns=setup.compare_columns,
+        notes=setup.gains_table(runs, labels))) or "")
     return 0
 
 

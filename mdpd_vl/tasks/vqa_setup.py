@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Subset
 
+from mdpd_vl import dist
 from mdpd_vl.atomic import write_text, write_with
 from mdpd_vl.backbones.cache import cache_key, cached_features
 from mdpd_vl.backbones.crossmodal import CrossModalBackbone, build_crossmodal
@@ -126,7 +127,7 @@ class RunData:
         cache = common.cache_dir(d.cache_dir, common.data_root(d.root))
         out = cls(task, folder, vocab, label_to_answer(vocab), splits, evalset, majority, cache, memo)
         memo["data"] = out
-        print(f"majority-answer baseline on {evalset.name}: {majority['accuracy']} ({majority['answer']!r})")
+        dist.show(f"majority-answer baseline on {evalset.name}: {majority['accuracy']} ({majority['answer']!r})")
         return out
 
     def preprocess(self, cfg: VQARunConfig, backbone: CrossModalBackbone) -> dict[str, Any]:

@@ -181,8 +181,9 @@ def objective(cfg: VTRTaskConfig) -> str:
         "rel_temperature": v.rel_temperature})
 
 
-def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
-    """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
+def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dict[str, Any] | None:
+    """Train, evaluate, export one method; returns the results dict (also written to results.json).
+    Several processes: all train; the main one alone evaluates, times, exports and writes (kit)."""
     timings = kit.Timings()
     common.seed_everything(cfg.train.seed)
     with timings.phase("backbones + method"):
@@ -191,17 +192,17 @@ def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dic
         model = build_model(cfg)  # bad names fail here, before the shapes world is built or anything is written
     with timings.phase("data: shapes world / indexes"):
         folder = index_dir(cfg)
-    out = common.check_output_dir(output_dir or cfg.output_dir)
+    out = kit.output_dir(output_dir or cfg.output_dir)
     cached = cfg.data.cache_features and kit.frozen_features_exact(cfg.method)
     with timings.phase("data: feature cache" if cached else "data"):
         data = ev.VideoData.build(cfg, model, folder)
         if data.cached:  # the backbones never change: their eval-split features serve every evaluation
-            data.freeze_eval_inputs(ev.retriever(model, cfg, data))
-    print(f"vtr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} training samples, "
-          f"{len(data.video_paths)} test videos), backbone {cfg.backbone}, {cfg.vtr.sim}"
-          f"{', cached frozen features' if data.cached else ''}")
+            kit.on_main(lambda: data.freeze_eval_inputs(ev.retriever(model, cfg, data)))
+    kit.show(f"vtr: {cfg.method.name} on {cfg.data.dataset} ({len(data.train_set)} training samples, "
+             f"{len(data.video_paths)} test videos), backbone {cfg.backbone}, {cfg.vtr.sim}"
+             f"{', cached frozen features' if data.cached else ''}")
     with timings.phase("evaluation before training"):
-        before = ev.evaluate(ev.retriever(model, cfg, data), data)
+        before = kit.on_main(lambda: ev.evaluate(ev.retriever(model, cfg, data), data))
 
     def step_fn(m: VideoTextRetrieval, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         data.stats.add_batch(batch)  # skipped / short videos and reading time, counted in every worker
@@ -215,6 +216,12 @@ def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dic
                        config=dump_config(cfg))
         train_seconds = time.perf_counter() - t0
     data.finish()
+    return kit.on_main(_finish, cfg, command, model, data, out, before, result, train_seconds, timings)
+
+
+def _finish(cfg: VTRTaskConfig, command: str, model: VideoTextRetrieval, data: ev.VideoData, out: Path,
+            before: dict[str, float], result: Any, train_seconds: float, timings: kit.Timings) -> dict[str, Any]:
+    """After training, on the main process: evaluate, export, measure, write results.json + card, summary."""
     with timings.phase("evaluation"):
         deployed = ev.retriever(model, cfg, data)
         metrics = ev.evaluate(deployed, data)
@@ -227,18 +234,18 @@ def run(cfg: VTRTaskConfig, command: str, output_dir: Path | None = None) -> dic
         task="vtr", dataset=cfg.data.dataset, split=cfg.data.eval_split, method=cfg.method.name,
         backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side, metrics_before_training=before,
         efficiency=efficiency, train_seconds=train_seconds, timings=timings, command=command,
-        config=dump_config(cfg), train_steps=result.step, cached_features=data.cached,
+        config=dump_config(cfg), train_result=result, train_steps=result.step, cached_features=data.cached,
         multi_sentence=data.multi_sentence, data_stats=data.stats.record(), objective=objective(cfg),
         init=model.init_report, export_dir=str(export_dir) if export_dir else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
-    common.write_json(out / "results.json", results)
+    kit.write_results(out, results)
     card = ev.write_card(out, results, data)
     where = kit.locations(out, export_dir, card, data.cache_dir)
     if data.frame_cache is not None and data.frame_cache.dir is not None:
         frames = data.frame_cache.dir
         where.append(("frame cache", f"{frames}  ({kit.dir_bytes(frames) / 1e6:.1f} MB of sampled uint8 frames; "
                                      f"delete with: rm -r {frames})"))
-    print(kit.summary(results, ev.metrics_table(results), where))
+    kit.show(kit.summary(results, ev.metrics_table(results), where))
     return results
 
 

@@ -123,9 +123,15 @@ class VideoData:
         self.eval_inputs = (frozen_video_inputs(retr.image_backbone, retr.video_inputs(self.video_paths)), texts)
 
     def finish(self) -> None:
-        """Fold in what the live training dataset counted in this process (distinct bad files)."""
+        """Fold in what the live training dataset counted (distinct bad files), over all processes:
+        each one counted the batches it read."""
         if self.live_train is not None:
-            self.stats.bad_files.update(self.live_train.bad)
+            s = self.stats
+            parts = kit.all_gather((s.skipped_samples, s.short_videos, s.decode_s, s.preprocess_s, self.live_train.bad))
+            s.skipped_samples, s.short_videos = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            s.decode_s, s.preprocess_s = sum(p[2] for p in parts), sum(p[3] for p in parts)
+            for p in parts:
+                s.bad_files.update(p[4])
             self.stats.skipped_videos = len(self.stats.bad_files)
 
     @classmethod
@@ -151,8 +157,9 @@ class VideoData:
             key = {"dataset": cfg.data.dataset, "folder": str(folder.resolve()), "size": cfg.data.image_size,
                    "frames": str(frames), "max_text_len": cfg.data.max_text_len, "split": cfg.data.train_split,
                    "index": _stamp(folder / f"{cfg.data.train_split}.index.json")}
-            train_set, collate = _cached_train(train, img_bb, txt_bb, tokenize, cache, key, cfg.data.eval_batch_size,
-                                               stats)
+            with kit.main_first():  # the main process caches (features + frame counts), the others read
+                train_set, collate = _cached_train(train, img_bb, txt_bb, tokenize, cache, key,
+                                                   cfg.data.eval_batch_size, stats)
             live = None
         else:
             train_set, collate, live = train, Collator(tokenize, text_key="caption"), train
@@ -252,7 +259,7 @@ def _cached_train(train: VideoTextDataset, img_bb: Any, txt_bb: Any, tokenize: A
             for _ in frame_batches():
                 pass
         counts = dict(found)
-        common.write_json(counts_file, counts)
+        kit.on_main(common.write_json, counts_file, counts)
     stats.features_reused = hit and not found["frames"]
     if sum(counts["frames"]) != len(frames):
         raise RuntimeError(f"the frame features cached in {folder} disagree with {counts_file.name}; "
