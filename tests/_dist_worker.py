@@ -124,6 +124,29 @@ def check_sections(rank: int, out: Path) -> dict[str, object]:
     return seen
 
 
+def check_engine(rank: int, out: Path) -> dict[str, object]:
+    """The engine inside a section trains as one process (the whole batch, no collectives: a stage the
+    main process runs alone), and outside it every process starts from rank 0's tensors: models
+    initialised from different seeds on the two processes end identical."""
+    from _train_worker import build, collate, make_data, step_fn
+
+    from mdpd_vl.engine.config import TrainConfig
+    from mdpd_vl.engine.train import train
+
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, log_every=1, ckpt_every=0, warmup_ratio=0.0)
+    seen: dict[str, object] = {"alone": None}
+    with dist.main_first():
+        if dist.is_main():
+            model, groups = build(seed=0)
+            res = train(model, step_fn, make_data(), collate, groups, cfg, out / "alone", progress=False)
+            seen["alone"] = [res.batch["processes"], res.step]
+    model, groups = build(seed=10 + rank)  # a different initialisation on each process
+    res = train(model, step_fn, make_data(), collate, groups, cfg, out / "together", progress=False)
+    seen["together_steps"] = res.step
+    seen["together_digests"] = res.weights_digests
+    return seen
+
+
 def _fail() -> None:
     raise UserError("the main process stops here", field="x")
 
@@ -134,7 +157,7 @@ def main() -> None:
     dist.init()
     rank, world = dist.rank(), dist.world_size()
     record = {"rank": rank, "world": world, **check_gather(rank, world), **check_batchnorm(rank, world),
-              **check_sections(rank, out)}
+              **check_sections(rank, out), **check_engine(rank, out)}
     (out / f"rank-{rank}.json").write_text(json.dumps(record, indent=1))
 
 

@@ -53,6 +53,15 @@ def test_sections_order_the_processes_and_carry_failures(ranks: list[dict]) -> N
     assert main["gathered"] == other["gathered"] == [0, 1]
 
 
+@pytest.mark.slow
+def test_the_engine_alone_in_a_section_and_every_process_from_rank_0s_weights(ranks: list[dict]) -> None:
+    main, other = ranks
+    assert main["alone"] == [1, 12] and other["alone"] is None  # 96 samples / batch 8, one process
+    assert main["together_steps"] == other["together_steps"] == 6  # 96 / (2 x 8)
+    digests = main["together_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] and other["together_digests"] == digests
+
+
 def test_one_process_everything_is_a_no_op_or_runs_directly(tmp_path: Path) -> None:
     import torch
 
