@@ -16,7 +16,8 @@ call is a no-op or runs its function directly), so library code uses it uncondit
   synchronised BatchNorm work on the local batch (the other processes are not there to answer).
 - `gather_batch(*tensors)`: the global batch of in-batch losses (contrastive, hardest negative,
   relational KL), gradients flowing to the local shard; `synced_batchnorm(model)`: BatchNorm
-  statistics over the global batch. Both make N processes with B/N samples each train what one
+  statistics over the global batch; `mean_weight(rows)`: the weight that turns a mean over a
+  varying number of local rows (valid frames) into its share of the global mean. Both make N processes with B/N samples each train what one
   process with B samples trains (`tests/test_multiproc*.py` checks it).
 
 The waiting processes wait on a separate gloo group whose timeout is `MDPD_DIST_TIMEOUT` seconds
@@ -277,6 +278,20 @@ def gather_batch(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         else:
             out.append(_gather(t, sizes))
     return tuple(out)
+
+
+def mean_weight(rows: int) -> float:
+    """`processes x rows / rows of all processes`. A loss that is a mean over this process's `rows`
+    rows, times this weight, averages over the processes (as the engine averages losses and
+    gradients) to the mean over every row of the global batch. 1.0 in one process, inside a section,
+    or when every process has as many rows; it matters for means over a varying count, e.g. per-frame
+    terms over videos of different lengths."""
+    if not _collective():
+        return 1.0
+    init()
+    count = torch.tensor([float(rows)])
+    torch.distributed.all_reduce(count, group=_state["control"])  # gloo: a CPU tensor whatever the backend
+    return world_size() * rows / float(count) if float(count) > 0 else 1.0
 
 
 # ----------------------------------------------------------------------------- BatchNorm over the global batch

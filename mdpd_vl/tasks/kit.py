@@ -282,11 +282,15 @@ def shown_path(path: str | Path) -> str:
 
 
 def write_card(out: Path, results: Mapping[str, Any], *, title: str, task_words: str, deployed_summary: str,
-               metrics_table: str, use_snippet: str, data: str, objective: str) -> Path:
+               metrics_table: str, use_snippet: str, data: str, objective: str | None = None) -> Path:
     """MODEL_CARD.md of a run: the recipe's words and tables, the kit's efficiency table, written by
     the main process.
 
-    `objective` states what the run optimised in words (`mdpd_vl.tuning.describe_objective`)."""
+    `objective` states what the run optimised in words (`mdpd_vl.tuning.describe_objective`); by
+    default the `objective` entry of `results`."""
+    if objective is None:
+        objective = results.get("objective") or \
+            "Not stated by this recipe: the method and its settings are in results.json (`config.method`)."
     dist.on_main(_write_card, out, results, title=title, task_words=task_words, deployed_summary=deployed_summary,
                  metrics_table=metrics_table, use_snippet=use_snippet, data=data, objective=objective)
     return out / "MODEL_CARD.md"

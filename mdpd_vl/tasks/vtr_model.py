@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone
-from mdpd_vl.dist import gather_batch
+from mdpd_vl.dist import gather_batch, mean_weight
 from mdpd_vl.errors import UserError
 from mdpd_vl.heads.clip4clip import (
     CLIP_LOGIT_SCALE_INIT,
@@ -160,7 +160,9 @@ class VideoTextRetrieval(nn.Module):
         def put(y: Tensor | None) -> Tensor | None:
             return None if y is None else scatter_frames(y, frame_mask, shape)
 
-        return TowerOut(put(out.y), put(out.y_backbone), put(out.y_teacher), out.losses)
+        # per-frame means: weighted so that the processes' average is the global batch's mean over frames
+        w = mean_weight(shape[0] * shape[1] if frame_mask is None else int(frame_mask.sum()))
+        return TowerOut(put(out.y), put(out.y_backbone), put(out.y_teacher), {k: v * w for k, v in out.losses.items()})
 
     def losses(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Named, weighted losses of one batch (`video`, `frame_mask`, `text`, optional
