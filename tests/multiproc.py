@@ -1,15 +1,15 @@
 """Launch a task recipe on two CPU processes (torchrun, gloo) and on one, and check that the two
 train what the one trains, and that only the main process writes.
 
-How a recipe adds its two-process test (VTR / VQA / VG: a few lines, see test_multiproc_itr.py):
+How a recipe adds its two-process test (a few lines; test_multiproc_{itr,vtr,vqa}.py do it):
 
     import pytest
     from multiproc import compare_runs
 
     @pytest.mark.slow
-    def test_vtr_on_two_processes(tmp_path):
+    def test_vg_on_two_processes(tmp_path):
         args = ["--set", "data.shapes_scale=tiny", ...]  # tiny and deterministic (see below)
-        compare_runs("mdpd_vl.tasks.vtr", args, tmp_path, global_batch=8)
+        compare_runs("mdpd_vl.tasks.vg", args, tmp_path, global_batch=8)
 
 `compare_runs` adds `--data-root`, `--output-dir` and `--set train.batch_size / train.max_steps /
 train.log_every=1`, then
@@ -26,10 +26,12 @@ train.log_every=1`, then
 It returns both `Launch` records for recipe-specific checks.
 
 What the recipe must do for this to hold: train with `mdpd_vl.engine.train.train`, build shared data
-through `ensure_shapes` / `cached_features` (main first), gather the embeddings of in-batch losses with
-`mdpd_vl.dist.gather_batch`, run everything after training through `kit.on_main`, write with the kit
-(`kit.output_dir`, `kit.write_results`, ...), pass `train_result=` to `kit.results`, print with
-`kit.show`. The arguments must switch off per-process randomness (token drop, masking, dropout):
+through `ensure_shapes` / `cached_features` (main first) or inside `kit.main_first()` (any other
+artefact it caches: VTR's frame counts, VQA's aligned connector), gather the embeddings of in-batch
+losses with `mdpd_vl.dist.gather_batch`, weight means over a varying local count with
+`mdpd_vl.dist.mean_weight` (VTR's valid frames), run the evaluation before training and everything
+after it through `kit.on_main`, write with the kit (`kit.output_dir`, `kit.write_results`, ...), pass
+`train_result=` to `kit.results`, print with `kit.show`. The arguments must switch off per-process randomness (token drop, masking, dropout):
 each process draws its own, so with it the two runs agree in distribution only.
 
 Also a script: `python tests/multiproc.py [--guard DIR]... -m MODULE ARGS...` runs MODULE as
