@@ -153,6 +153,20 @@ class GroundingModel(nn.Module):
         """Write the deployed model as an MDETR checkpoint (`backbones.mdetr.load_mdetr` reads it back)."""
         raise NotImplementedError
 
+    def bare(self) -> Grounder:
+        """The untuned architecture (backbones + an MDETR transformer / box head of the backbone widths, eval
+        mode): what the deployed model's latency is measured against."""
+        raise NotImplementedError
+
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        raise NotImplementedError
+
+    @property
+    def savable(self) -> bool:
+        """`save_pretrained` applies: the deployed model is a plain MDETR (no side network, no unmerged adapter)."""
+        return not any(isinstance(t, SideTuned) or t.method in ("lora", "adapter") for t in self.tuned_models)
+
 
 def ema_teacher(tuned: MdpdTuned, out: Any) -> Tensor | None:
     """The DualPath output's `y_teacher` when it comes from an EMA teacher, else None: without one it is the
@@ -244,6 +258,18 @@ class TowerGrounding(GroundingModel):
             out["side_head"] = list(self.head_side.parameters())
         return out
 
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        return [self.image, self.text]
+
+    def bare(self) -> TowerGrounder:
+        from mdpd_vl.export import FadedModel
+
+        image, text = self.image.backbone, self.text.backbone
+        transformer = GroundingTransformer(image.widths[-1], text.widths[-1], self.cfg).eval()
+        return TowerGrounder(FadedModel(image, TokenPassthrough()), FadedModel(text, TokenPassthrough()),
+                             (image, text), transformer)
+
     def save_pretrained(self, folder: str | Path) -> Path:
         from mdpd_vl.backbones.mdetr import save_mdetr
 
@@ -289,6 +315,16 @@ class TransformerGrounding(GroundingModel):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return self.tuned.param_groups()
+
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        return [self.tuned]
+
+    def bare(self) -> PackedGrounder:
+        from mdpd_vl.export import FadedModel
+
+        backbone = self.tuned.backbone
+        return PackedGrounder(FadedModel(backbone, BoxScoreHead(backbone.widths[-1], self.cfg.num_tokens)).eval())
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from mdpd_vl.backbones.mdetr import MdetrBackbone, save_mdetr
