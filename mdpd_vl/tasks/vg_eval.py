@@ -276,6 +276,18 @@ def evaluate(g: ReferringGrounder, data: GroundingData) -> tuple[dict[str, Any],
     return {"precision": metrics[f"{first}_iou"], "precision_giou": metrics[f"{first}_giou"], **metrics}, preds
 
 
+def write_predictions(out: Path, data: GroundingData, preds: dict[str, Tensor]) -> dict[str, str]:
+    """`predictions_<split>.json` per split: each expression's sentence, predicted and ground-truth pixel boxes."""
+    paths = {}
+    for split in data.evals:
+        path = out / f"predictions_{split.name}.json"
+        common.write_json(path, {"split": split.name, "sentences": split.sentences,
+                                 "images": [str(p) for p in split.paths], "boxes": preds[split.name].tolist(),
+                                 "gt_boxes": split.gt_xyxy.tolist()})
+        paths[split.name] = str(path)
+    return paths
+
+
 def draw(data: GroundingData, preds: dict[str, Tensor], path: Path, n: int | None = None) -> Path:
     """`examples.png`: up to a dozen expressions of the first test split, spread over distinct images."""
     split = next((s for s in data.evals if s.name.startswith("test")), data.evals[0])
