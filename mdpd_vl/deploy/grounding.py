@@ -122,11 +122,10 @@ class ReferringGrounder(nn.Module):
     def pixels(self, images: Sequence[ImageLike]) -> tuple[Tensor, Tensor]:
         """(`B x 3 x S x S` pixels, `B x 2` original (height, width)) of PIL images or image files."""
         from mdpd_vl.data.datasets import read_image
+        from mdpd_vl.deploy.retrieval import pixels
 
         loaded = [img if isinstance(img, Image.Image) else read_image(Path(img)) for img in images]
-        loaded = [img if img.mode == "RGB" else img.convert("RGB") for img in loaded]
-        sizes = torch.tensor([[img.height, img.width] for img in loaded])
-        return torch.stack([self.image_transform(img) for img in loaded]), sizes
+        return pixels(loaded, self.image_transform), torch.tensor([[img.height, img.width] for img in loaded])
 
     def batches(self, images: Sequence[ImageLike], expressions: Sequence[str], batch_size: int | None = None
                 ) -> Iterator[tuple[Tensor, dict[str, Tensor], Tensor]]:

@@ -134,7 +134,7 @@ class VGRunConfig:
         default_factory=lambda: MethodConfig(d=96, distill=DistillConfig(backbone_trainable="head",
                                                                           feature_layers=[2, 3, 4, 5])))
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=25, batch_size=32, lr=5e-4, weight_decay=1e-4, warmup_ratio=0.05,
+        default_factory=lambda: TrainConfig(epochs=4, batch_size=32, lr=5e-4, weight_decay=1e-4, warmup_ratio=0.05,
                                             schedule="cosine", max_grad_norm=0.1, log_every=20, ckpt_every=0))
     group_lr: dict[str, float] = field(
         default_factory=dict, metadata={"help": "learning rate per parameter group suffix, e.g. backbone_norms: 1e-4"})
