@@ -102,9 +102,9 @@ def test_placement_b_full_checkpoint_then_mdpd_fine_tune(root):
     full = run_cli(root, "full", "--method", "full")
     ckpt = full["mdetr_checkpoint"]
     assert ckpt and Path(ckpt, "model.safetensors").is_file()
-    r = run_cli(root, "b_mdpd", "--pretrained", ckpt, "--method", "mdpd",
-                "--set", "method.distill.feature_layers=all")
+    r = run_cli(root, "b_mdpd", "--pretrained", ckpt, "--method", "mdpd")
     assert r["placement"] == "transformer" and r["config"]["pretrained"] == ckpt
+    assert r["config"]["method"]["distill"]["feature_layers"] == "all"  # the MDETR's layers, not the towers' 2-5
     assert r["metrics_side_kept"] is not None and r["export_dir"] is not None
     assert task_losses(root / "runs" / "b_mdpd")[1] < task_losses(root / "runs" / "b_mdpd")[0]
     from mdpd_vl.export import load_exported

@@ -162,6 +162,8 @@ def resolve_config(args: argparse.Namespace) -> VGRunConfig:
     cfg = kit.resolve_config(VGRunConfig, args, FLAGS, DATASET_PRESETS.get(args.dataset or "shapes", []))
     if cfg.pretrained:
         cfg.vg.placement = "transformer"
+        if not args.config and "method.distill.feature_layers" not in kit.user_labels(args, FLAGS):
+            cfg.method.distill.feature_layers = "all"  # placement A's default names tower layers; B has its own
     elif cfg.vg.placement == "transformer":
         raise UserError("placement transformer tunes a pre-trained MDETR: give it with --pretrained FILE",
                         field="--pretrained")
