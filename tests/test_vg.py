@@ -164,3 +164,16 @@ def test_missing_real_data_names_the_prep_command(tmp_path, capsys):
     assert err.value.code == 2
     msg = capsys.readouterr().err
     assert "data_prep/refcoco.py" in msg and "--variant refcocog --split-by umd" in msg
+
+
+def test_gains_table_compares_mdpd_with_each_side_kept_method():
+    from mdpd_vl.tasks import kit
+
+    def run(method: str, p: float, qps: float) -> dict:
+        return {"method": method, "metrics": {"precision": p}, "efficiency": {"infer_qps": qps, "infer_qps_bare": 10.0}}
+
+    runs = [run("linear", 20.0, 10.0), run("unipt", 50.0, 5.0), run("mdpd", 52.5, 10.0)]
+    text = kit.gains_table(runs, ["linear", "unipt", "mdpd:head"], "precision", "P@0.5")
+    rows = [line for line in text.splitlines() if line.startswith("| mdpd:head")]
+    assert len(rows) == 1 and "| unipt |" in rows[0] and "| 2.50 |" in rows[0] and "+100.0%" in rows[0]
+    assert kit.gains_table(runs[:2], ["linear", "unipt"], "precision", "P@0.5") == ""
