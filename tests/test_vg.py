@@ -127,15 +127,16 @@ def test_bad_annotations_are_counted_not_fatal(root):
     items = index["items"]
     items[0]["bbox_xyxy"] = [-10.0, -5.0, 40.0, 300.0]  # reaches outside: clipped, kept
     items[1]["bbox_xyxy"] = [10.0, 10.0, 10.0, 30.0]  # zero width: skipped
-    items[2]["bbox_xyxy"] = None  # no annotation: skipped
+    items[2]["width"] = 0  # no usable annotation (a canonical index never holds a null box: the prep counts those)
     items[3]["image"] = "COCO_train2014_missing.jpg"  # missing image: skipped
+    items[4]["sentence"] = " "  # no expression: skipped
     (dst / "train.index.json").write_text(json.dumps(index))
     out = root / "runs" / "bad"
     args = ["--data-root", str(bad_root), "--output-dir", str(out), "--config", str(config("shapes_linear")), *TINY,
             "--set", "data.dataset=refcoco"]
     assert vg.main(args) == 0
     problems = json.loads((out / "results.json").read_text())["problems"]["train"]
-    assert problems == {"clipped": 1, "degenerate": 1, "no_annotation": 1, "blank_sentence": 0, "missing_image": 1}
+    assert problems == {"clipped": 1, "degenerate": 1, "no_annotation": 1, "blank_sentence": 1, "missing_image": 1}
 
 
 def config(name: str) -> Path:
