@@ -343,18 +343,27 @@ def efficiency(model: GroundingModel, deployed: ReferringGrounder, data: Groundi
 
 # ----------------------------------------------------------------------------- grounding's tables and card
 def objective(cfg: VGRunConfig) -> str:
-    """What the run optimises, in words (`tuning.describe_objective` with MDETR's set loss)."""
+    """What the run optimises, in words (`tuning.describe_objective` with MDETR's set loss; for MDPD the
+    grounding terms of `vg_model`: the task loss on both paths as `vg.task_on_backbone` says, the matched-query
+    distillation instead of the dual path's own logits term, which grounding switches off)."""
+    from dataclasses import replace
+
     from mdpd_vl.tuning.objective import describe_objective
 
-    g = cfg.grounding
+    g, m = cfg.grounding, cfg.method
     loss = (f"MDETR's set loss (Hungarian matching; soft token cross-entropy x{g.ce_coef:g} with no-object weight "
             f"{g.eos_coef:g}, L1 x{g.bbox_coef:g}, GIoU x{g.giou_coef:g}{', on every decoder layer' if g.aux_loss else ''})")
-    text = describe_objective(cfg.method, {"task_loss": loss})
-    if cfg.method.name == "mdpd" and cfg.vg.logits != "none":
-        how = "L1 + GIoU + soft cross-entropy" if cfg.vg.logits == "match" else "MSE (the paper's eq. 3)"
-        text += (f" Logits distillation on the matched queries: the side path's box and scores teach the backbone "
-                 f"path's ({how}, weight {cfg.vg.logits_weight:g}).")
-    return text
+    if m.name != "mdpd":
+        return describe_objective(m, {"task_loss": loss})
+    text = describe_objective(replace(m, distill=replace(m.distill, logits="none", task_on_backbone=cfg.vg.task_on_backbone)),
+                              {"task_loss": loss})
+    if cfg.vg.logits == "none":
+        return text
+    how = "L1 + GIoU + soft cross-entropy" if cfg.vg.logits == "match" else "MSE (the paper's eq. 3)"
+    teacher = "an EMA copy of the side path" if m.distill.ema_teacher is not None else "the live side path (detached)"
+    return text.replace("The backbone path gets no distillation term from the side path.",
+                        f"The backbone path learns from {teacher} on the matched queries: the side path's box and "
+                        f"scores teach the backbone path's ({how}, weight {cfg.vg.logits_weight:g}).")
 
 
 def metrics_table(results: dict[str, Any]) -> str:
