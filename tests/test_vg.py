@@ -43,7 +43,6 @@ def mdpd_run(root) -> dict:
     return run_cli(root, "mdpd")
 
 
-@pytest.mark.slow
 def test_default_mdpd_run_writes_every_output(mdpd_run, root, capsys):
     r, out = mdpd_run, root / "runs" / "mdpd"
     assert r["task"] == "vg" and r["method"] == "mdpd" and r["placement"] == "backbones" and r["cached_features"]
@@ -63,7 +62,6 @@ def test_default_mdpd_run_writes_every_output(mdpd_run, root, capsys):
     assert "P@0.5 IoU / GIoU" in card and "best constant box" in card
 
 
-@pytest.mark.slow
 def test_export_reloads_to_identical_boxes_and_the_card_snippet_runs(mdpd_run, root, capsys, monkeypatch):
     from mdpd_vl.export import load_exported
     from mdpd_vl.tasks import vg_eval as ev
@@ -86,7 +84,6 @@ def test_export_reloads_to_identical_boxes_and_the_card_snippet_runs(mdpd_run, r
     assert "tensor" in printed
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "lora", "unipt"])
 def test_other_methods_run_and_their_loss_falls(method, root):
     r = run_cli(root, method, "--method", method)
@@ -97,7 +94,6 @@ def test_other_methods_run_and_their_loss_falls(method, root):
     assert (r["mdetr_checkpoint"] is None) == (method in ("unipt", "lora"))
 
 
-@pytest.mark.slow
 def test_placement_b_full_checkpoint_then_mdpd_fine_tune(root):
     full = run_cli(root, "full", "--method", "full")
     ckpt = full["mdetr_checkpoint"]
@@ -114,7 +110,6 @@ def test_placement_b_full_checkpoint_then_mdpd_fine_tune(root):
     assert model.ground([img, img], ["the circle", "the red shape"]).shape == (2, 4)
 
 
-@pytest.mark.slow
 def test_bad_annotations_are_counted_not_fatal(root):
     """Boxes outside the image clipped, zero-size boxes / no annotation / a missing image skipped: all counted."""
     src = root / "data" / "shapes" / "refcoco"
