@@ -103,10 +103,6 @@ class ReferringGrounder(nn.Module):
         self._transform: Any = None
 
     @property
-    def text_backbone(self) -> Any:
-        return self._text_backbone
-
-    @property
     def image_transform(self) -> Any:
         """The evaluation's PIL -> tensor transform (resize to size x size, no crop, normalise)."""
         if self._transform is None:
