@@ -166,6 +166,7 @@ def test_report_on_synthetic_results(tmp_path: Path) -> None:
 
 def test_report_without_runs_lists_every_command(tmp_path: Path) -> None:
     fr = fading.load_frontier(rows_file(tmp_path))
+    assert "no run has finished yet" in fading.write_report(fr).read_text() and not (tmp_path / "chart.png").exists()
     fake_results(fr, "research", "linear", 0, rsum=300.0, peak_gib=0.01)
     fake_results(fr, "research", "linear", 1, rsum=300.0, peak_gib=0.01)
     (fading.run_dir(fr, "research", "linear", 1) / "results.json").write_text(
@@ -203,6 +204,6 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     assert mix > 0  # the towers read their last 2 layers
     assert results["efficiency"]["inference_params"] == linear["efficiency"]["inference_params"] + mix
     text = (tmp_path / "card.md").read_text()
-    assert "| mdpd_lowrank_ckpt | mdpd | lowrank | 1 |" in text
+    assert "| mdpd_lowrank_ckpt | mdpd | lowrank +ckpt every_2, W_B reads last_2 | 1 |" in text
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 2

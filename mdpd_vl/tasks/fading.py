@@ -156,6 +156,15 @@ def check_rows(fr: Frontier) -> None:
                 raise UserError(f"row {name}: {err}", where=str(fr.path), field="rows") from None
 
 
+def resolved(fr: Frontier, kind: str, row: Row) -> dict[str, Any]:
+    """The row's ITR config under the research (`kind` research) or the full protocol, as a dict."""
+    from mdpd_vl.engine.config import dump_config
+    from mdpd_vl.tasks.itr import ITRConfig
+
+    config, extra = (fr.protocol, []) if kind == "research" else (fr.full_config, fr.full_overrides)
+    return dump_config(load_config(ITRConfig, config, [*extra, *row.overrides]))
+
+
 # ----------------------------------------------------------------------------- runs
 def run_dir(fr: Frontier, kind: str, row: str, seed: int | str) -> Path:
     """`<output_dir>/<research|full>/<row>/seed<S>`."""
@@ -237,7 +246,7 @@ def collect(fr: Frontier, kind: str, names: list[str], seeds: list[int]) -> dict
             if finished(folder, run_argv(fr, kind, row, seed)):
                 runs.append(report.load(folder))
         shown = command(run_argv(fr, kind, row, "SEEDVAR")).replace("SEEDVAR", "$S")  # quoted, then the variable
-        out[name] = report.summarise(name, runs, shown, row.note)  # type: ignore[arg-type]
+        out[name] = report.summarise(name, runs, shown, row.note, resolved(fr, kind, row))  # type: ignore[arg-type]
     return out
 
 
@@ -253,8 +262,10 @@ def write_report(fr: Frontier) -> Path:
         ranking_lines = [*ranking_lines, "", *commands]
     else:
         ranking_lines = ["(the rows file names no ranking rows or no full_protocol)"]
-    report.chart(fr.chart, rows, reference)
-    link = report.relative_link(fr.chart, fr.card)
+    link = None
+    if any(r["rsum"] and r["peak_gib"] for r in rows):  # no empty chart before the first run
+        report.chart(fr.chart, rows, reference)
+        link = report.relative_link(fr.chart, fr.card)
     text = report.block(rows, reference, ranking_lines, link, str(fr.path), fr.protocol, fr.seeds)
     return report.update_card(fr.card, text)
 
