@@ -232,3 +232,22 @@ def test_describe_objective_states_every_axis() -> None:
         assert words in text, words
     text = describe_objective(MethodConfig(distill=DistillConfig(backbone_trainable="norms_biases")), RetrievalConfig())
     assert "every bias inside the backbone blocks" in text and "W_B reads the last layer." in text
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_clone_of_a_checkpointed_backbone_runs_its_own_weights(family: str) -> None:
+    torch.manual_seed(0)
+    backbone = BUILDERS[family]()
+    backbone.set_checkpointing("all")
+    dup = backbone.clone()
+    assert dup.checkpointing == backbone.checkpointing
+    x = make_input(backbone)
+    backbone.eval(), dup.eval()
+    with torch.no_grad():
+        before = dup.features(x)[-1].clone()
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p))
+        assert torch.equal(dup.features(x)[-1], before)
+    x = make_input(backbone)
+    dup.features(x)[-1].sum().backward()  # the copy's own checkpointed blocks run and recompute
+    assert all(p.grad is None for p in backbone.parameters())
