@@ -46,8 +46,15 @@ class FadedModel(nn.Module):
         self.head = head
 
     def forward(self, x: Any) -> Tensor:
-        feats = self.backbone.features(x)
-        return self.head(feats[-1], self.backbone.padding_mask(x))
+        return run_head(self.head, self.backbone.features(x), self.backbone.padding_mask(x))
+
+
+def run_head(head: nn.Module, feats: list[Tensor], mask: Tensor | None) -> Tensor:
+    """`head` on the backbone's layers: the last layer's tokens, or every layer for a head that reads
+    several (`reads_layers`, e.g. `heads.pooling.LayerPoolHead`, whose layers are computed anyway)."""
+    if getattr(head, "reads_layers", False):
+        return head(feats, mask)
+    return head(feats[-1], mask)
 
 
 def is_plain(module: nn.Module) -> bool:

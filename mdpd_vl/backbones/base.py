@@ -248,6 +248,9 @@ class Backbone(nn.Module):
             segments = _split_at(segments, self._chain_links())
         if segments == self._checkpointing:
             return
+        self._apply_checkpointing(segments)
+
+    def _apply_checkpointing(self, segments: list[list[int]]) -> None:
         blocks = self._block_modules()
         for block in blocks:  # undo the previous plan first
             if hasattr(block, "_mdpd_forward"):
@@ -354,8 +357,16 @@ class Backbone(nn.Module):
         return LayerSpec(int(tokens.shape[-1]), spec.grid, spec.prefix)
 
     def clone(self) -> Backbone:
-        """A deep copy with its own layer hooks (a plain deepcopy keeps hooks that fill the original)."""
-        dup = copy.deepcopy(self)
+        """A deep copy with its own layer hooks (a plain deepcopy keeps hooks that fill the original) and
+        its own checkpointing plan (deepcopy shares the checkpointed forwards, closures over the
+        original's blocks, so the copy would run the original's weights)."""
+        plan = self._checkpointing
+        self._apply_checkpointing([])
+        try:
+            dup = copy.deepcopy(self)
+        finally:
+            self._apply_checkpointing(plan)
+        dup._apply_checkpointing(plan)
         for handle in [*dup._hooks, dup._input_hook]:  # the copied handles point at the copied blocks
             if handle is not None:
                 handle.remove()

@@ -10,6 +10,7 @@ tuning code: a deployed model is backbones + heads + preprocessing, nothing else
 
 from __future__ import annotations
 
+from mdpd_vl.deploy.grounding import ReferringGrounder
 from mdpd_vl.deploy.retrieval import ImageTextRetriever
 from mdpd_vl.deploy.video import VideoTextRetriever
 from mdpd_vl.deploy.vqa import VisualQuestionAnswerer
@@ -19,5 +20,6 @@ DEPLOYED: Registry[type] = Registry("exported task")
 DEPLOYED.register("itr", ImageTextRetriever)
 DEPLOYED.register("vtr", VideoTextRetriever)
 DEPLOYED.register("vqa", VisualQuestionAnswerer)
+DEPLOYED.register("vg", ReferringGrounder)
 
-__all__ = ["DEPLOYED", "ImageTextRetriever", "VideoTextRetriever", "VisualQuestionAnswerer"]
+__all__ = ["DEPLOYED", "ImageTextRetriever", "ReferringGrounder", "VideoTextRetriever", "VisualQuestionAnswerer"]

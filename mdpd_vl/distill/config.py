@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mdpd_vl.backbones.base import checkpoint_segments
 from mdpd_vl.errors import UserError
 
-BACKBONE_TRAINABLE = ("head", "norms_last_k", "norms_all")
+BACKBONE_TRAINABLE = ("head", "norms_last_k", "norms_all", "norms_biases", "lowrank")
 GEN_WIDTHS = ("backbone", "code", "bottleneck")
 DEEP_OUTPUTS = ("masked", "all")
 FEATURE_DTYPES = ("compute", "native")
@@ -115,7 +116,33 @@ class DistillConfig:
     )
     backbone_trainable: str = field(
         default="norms_all",
-        metadata={"help": "which backbone tensors train: 'head' (W_B only), 'norms_last_k', 'norms_all' (paper)."},
+        metadata={"help": "which backbone tensors train: 'head' (W_B only), 'norms_last_k', 'norms_all' (paper), "
+                  "'norms_biases' (every norm + every bias inside the blocks) or 'lowrank' (peft LoRA deltas on the "
+                  "blocks' linear layers, merged into the weights by fade(): the deployed model is the bare "
+                  "architecture)."},
+    )
+    lowrank_r: int = field(
+        default=8, metadata={"help": "rank of the low-rank deltas when backbone_trainable=lowrank."},
+    )
+    lowrank_alpha: float = field(
+        default=16.0, metadata={"help": "scale numerator of the low-rank deltas (scale = alpha / rank)."},
+    )
+    head_layers: str | list[int] = field(
+        default="last",
+        metadata={"help": "what the deployed head W_B reads: 'last' (the paper: the last layer), 'last_<k>' (the "
+                  "last layer + pooled features of the k - 1 layers before it), 'all' (+ every earlier layer) or "
+                  "a list of 0-based layer indices whose pooled features are added (the last layer is always read)."},
+    )
+    feature_logits: float = field(
+        default=0.0,
+        metadata={"help": "weight of the last-layer feature distillation side -> backbone: a learnt regressor on "
+                  "b_L imitates the side network's last-layer tokens (sum-reduced squared error, teacher "
+                  "detached; dropped at fading); 0 = off. Needs a trainable backbone."},
+    )
+    side_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "optimiser steps at the start that train the side path only (the backbone path runs "
+                  "without grad and gets no loss) before distillation starts: a teacher that moves less."},
     )
     last_k: int = field(
         default=1,
@@ -176,6 +203,7 @@ class DistillConfig:
         if self.backbone_trainable not in BACKBONE_TRAINABLE:
             valid = ", ".join(BACKBONE_TRAINABLE)
             raise bad("backbone_trainable", f"unknown choice {self.backbone_trainable!r}; valid: {valid}")
+        self._validate_fading(bad)
         for name, valid in (("gen_width", GEN_WIDTHS), ("deep_outputs", DEEP_OUTPUTS),
                             ("feature_dtype", FEATURE_DTYPES)):
             if getattr(self, name) not in valid:
@@ -197,6 +225,49 @@ class DistillConfig:
             raise bad("seed", f"must be an integer, got {self.seed!r}")
         return self
 
+    def _validate_fading(self, bad: Callable[[str, str], UserError]) -> None:
+        """The axes of the fading frontier (issue 16): low-rank deltas, multi-layer head, feature logits,
+        side-only warm-up."""
+        for name in ("lowrank_r", "side_warmup_steps"):
+            value, low = getattr(self, name), 1 if name == "lowrank_r" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(name, f"must be an integer >= {low}, got {value!r}")
+        if isinstance(self.lowrank_alpha, bool) or not isinstance(self.lowrank_alpha, (int, float)) \
+                or not self.lowrank_alpha > 0:
+            raise bad("lowrank_alpha", f"must be a number > 0, got {self.lowrank_alpha!r}")
+        hl = self.head_layers
+        named = isinstance(hl, str) and (hl in ("last", "all") or _last_k(hl) is not None)
+        listed = isinstance(hl, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in hl)
+        if not (named or listed):
+            raise bad("head_layers", f"must be 'last', 'last_<k>' (k >= 1), 'all' or a list of layer indices, got {hl!r}")
+        if listed and len(set(hl)) != len(hl):  # type: ignore[arg-type]
+            raise bad("head_layers", f"repeats a layer index: {hl!r}")
+        value = self.feature_logits
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise bad("feature_logits", f"loss weight must be a number >= 0, got {value!r}")
+        if value > 0 and self.backbone_trainable == "head":
+            raise bad("feature_logits", "distils into b_L, which does not train with backbone_trainable=head: "
+                      "choose norms_last_k, norms_all, norms_biases or lowrank")
+
+    def head_layer_indices(self, num_layers: int) -> list[int]:
+        """The 0-based layers whose pooled features W_B reads besides the last one (ascending)."""
+        hl = self.head_layers
+        if hl == "last":
+            return []
+        if hl == "all":
+            return list(range(num_layers - 1))
+        k = _last_k(hl) if isinstance(hl, str) else None
+        if k is not None:
+            if k > num_layers:
+                raise UserError(f"last_{k} asks for {k} layers; the backbone has {num_layers}",
+                                field="distill.head_layers")
+            return list(range(num_layers - k, num_layers - 1))
+        bad = [i for i in hl if not 0 <= i < num_layers]  # type: ignore[union-attr]
+        if bad:
+            raise UserError(f"layer indices {bad} are outside the backbone's 0..{num_layers - 1}",
+                            field="distill.head_layers")
+        return sorted(i for i in hl if i != num_layers - 1)  # type: ignore[union-attr]
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str | None = None) -> DistillConfig:
         """Build from a plain dict (YAML); unknown keys are a UserError listing the valid ones."""
@@ -212,3 +283,9 @@ class DistillConfig:
             return cls(**values)
         except UserError as err:  # re-raise with the file named
             raise UserError(getattr(err, "detail", str(err)), where=where, field=err.field) from None
+
+
+def _last_k(text: str) -> int | None:
+    """k of 'last_<k>' (k >= 1), else None."""
+    head, _, tail = text.partition("_")
+    return int(tail) if head == "last" and tail.isdigit() and int(tail) >= 1 else None

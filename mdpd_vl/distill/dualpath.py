@@ -39,8 +39,10 @@ from mdpd_vl.distill.hfd import deep_loss, shallow_loss
 from mdpd_vl.distill.losses import logits_mse, relational_kl
 from mdpd_vl.distill.phases import phase as mark
 from mdpd_vl.distill.steps import watch_optimizer_steps
+from mdpd_vl.distill.trainable import FeatureStudent, backbone_groups, faded
 from mdpd_vl.errors import UserError
-from mdpd_vl.export import FadedModel
+from mdpd_vl.export import FadedModel, run_head
+from mdpd_vl.heads.pooling import LayerPoolHead
 from mdpd_vl.side.base import SideNetwork, SideOutput
 from mdpd_vl.side.lst import mask_for
 
@@ -76,6 +78,7 @@ class DualPathOutput:
     y_backbone: Tensor
     losses: dict[str, Tensor]
     y_teacher: Tensor | None = None
+    phase: str = "joint"
 
     @property
     def loss(self) -> Tensor:
@@ -164,11 +167,17 @@ class DualPath(nn.Module):
                 field="side",
             )
         self.backbone, self.side = backbone, side
+        extra = cfg.head_layer_indices(backbone.num_layers)
+        if extra:  # W_B also reads pooled features of earlier layers (computed anyway at inference)
+            widths = backbone.widths
+            head_backbone = LayerPoolHead(head_backbone, extra, [widths[i] for i in extra], widths[-1])
         self.head_side, self.head_backbone = head_side, head_backbone
         self.shallow_layers, self.deep_layers = self._split_layers(cfg, backbone.num_layers)
         self._check_width(cfg, side.layer_widths, backbone.widths)
         self._build_distill_modules(cfg, side.layer_widths, backbone)
-        self._norms = self._select_norms(cfg, backbone)
+        self.feature_student = FeatureStudent(backbone.widths[-1], side.out_width) if cfg.feature_logits > 0 else None
+        self._backbone_groups = backbone_groups(cfg, backbone)  # injects LoRA for `lowrank`
+        self._backbone_trains = any(self._backbone_groups.values())
         self._freeze()
         backbone.set_checkpointing(cfg.checkpointing)
         self.ema = EmaTeacher(side, head_side, backbone, cfg.ema_teacher) if cfg.ema_teacher is not None else None
@@ -249,41 +258,31 @@ class DualPath(nn.Module):
         """phi's width at one layer: d, capped at that layer's narrower width."""
         return min(cfg.d, side_width, backbone_width)
 
-    @staticmethod
-    def _select_norms(cfg: DistillConfig, backbone: Backbone) -> list[tuple[str, nn.Parameter]]:
-        if cfg.backbone_trainable == "head":
-            return []
-        if cfg.backbone_trainable == "norms_last_k":
-            if cfg.last_k > backbone.num_layers:
-                raise UserError(
-                    f"last_k={cfg.last_k} exceeds the backbone's {backbone.num_layers} blocks",
-                    field="distill.last_k",
-                )
-            return backbone.norm_parameters(last_k=cfg.last_k)
-        return backbone.norm_parameters()
-
     def _freeze(self) -> None:
         """requires_grad is set from the explicit groups, never from parameter names."""
         self.backbone.requires_grad_(False)
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         for name, params in self.param_groups().items():
             for p in params:
-                if name != "backbone_norms" and id(p) in backbone_ids:
+                if not name.startswith("backbone_") and id(p) in backbone_ids:
                     continue  # a side network borrowing frozen backbone blocks keeps them frozen
                 p.requires_grad_(True)
 
     # -- parameter groups ---------------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named, disjoint parameter groups: side, distill, side_head, backbone_head, backbone_norms."""
+        """Named, disjoint parameter groups: side, distill, side_head, backbone_head, backbone_norms, and
+        `backbone_biases` (norms_biases) or `backbone_lowrank` (lowrank) when the choice trains them."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         distill = list(self.phi.parameters()) + list(self.generators.parameters())  # shared phi: once
         distill += list(self.mask_tokens.values())
+        if self.feature_student is not None:
+            distill += list(self.feature_student.parameters())
         return {
             "side": [p for p in self.side.parameters() if id(p) not in backbone_ids],
             "distill": distill,
             "side_head": list(self.head_side.parameters()),
             "backbone_head": list(self.head_backbone.parameters()),
-            "backbone_norms": [p for _, p in self._norms],
+            **self._backbone_groups,
         }
 
     # -- modes --------------------------------------------------------------------------------
@@ -326,7 +325,11 @@ class DualPath(nn.Module):
     def _phase(self) -> str:
         """'joint', or for `alternate` the phase of the current optimiser step: even steps train the
         side path, odd steps the backbone path (every micro-batch of one step shares its phase)."""
-        if self.cfg.schedule == "joint" or not self.training:
+        if not self.training:
+            return "joint"
+        if self.optimizer_steps < self.cfg.side_warmup_steps:
+            return "side"  # side-only warm-up: the teacher settles before it teaches
+        if self.cfg.schedule == "joint":
             return "joint"
         return "side" if self.optimizer_steps % 2 == 0 else "backbone"
 
@@ -343,7 +346,7 @@ class DualPath(nn.Module):
         cfg, grad = self.cfg, torch.is_grad_enabled()
         phase = self._phase()
         valid = self.backbone.padding_mask(x)
-        with mark("backbone"), torch.set_grad_enabled(grad and bool(self._norms) and phase != "side"):
+        with mark("backbone"), torch.set_grad_enabled(grad and self._backbone_trains and phase != "side"):
             feats = self.backbone.features(x, with_input=self.side.reads_input)
         emb = self._frozen(feats.pop(0)) if self.side.reads_input else None
         side_in = [self._frozen(f) for f in feats]
@@ -353,7 +356,7 @@ class DualPath(nn.Module):
             with mark("heads"):
                 y_side = self.head_side(side_out.tokens, mask_for(valid, side_out.tokens.shape[1]))
         with mark("heads"), torch.set_grad_enabled(grad and phase != "side"):
-            y_backbone = self.head_backbone(feats[-1], valid)
+            y_backbone = run_head(self.head_backbone, feats, valid)
         if self.ema is not None and phase != "side":
             with mark("side"):
                 y_teacher = self.ema(self.side, self.head_side, side_in, valid, emb)
@@ -368,9 +371,11 @@ class DualPath(nn.Module):
             losses.update(self._feature_losses(side_in, side_out, valid))
         with mark("losses"):
             losses.update(self._backbone_losses(phase, y_teacher, y_backbone, task_loss))
+            if self.feature_student is not None and phase != "side":
+                losses["feature_logits"] = cfg.feature_logits * self.feature_student.loss(feats[-1], side_out, valid)
         if self.training and grad:
             self.step += 1
-        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses, y_teacher=y_teacher)
+        return DualPathOutput(y_side=y_side, y_backbone=y_backbone, losses=losses, y_teacher=y_teacher, phase=phase)
 
     def _backbone_losses(self, phase: str, y_teacher: Tensor, y_backbone: Tensor,
                          task_loss: TaskLoss | None) -> dict[str, Tensor]:
@@ -428,8 +433,9 @@ class DualPath(nn.Module):
 
     # -- deployment ---------------------------------------------------------------------------
     def fade(self) -> FadedModel:
-        """Backbone (with its tuned norms) + W_B only: no side, phi, G or mask parameter is referenced."""
-        return FadedModel(self.backbone, self.head_backbone)
+        """Backbone (with its tuned norms or biases) + W_B only: no side, phi, G or mask parameter is
+        referenced. With `lowrank`, a copy with the deltas merged into the weights (the bare architecture)."""
+        return faded(self.cfg, self.backbone, self.head_backbone)
 
     def side_kept(self) -> SideKeptModel:
         """Backbone + side network + side head: to evaluate the side path."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -22,3 +23,48 @@ class GAPLinear(nn.Module):
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.fc(masked_mean(tokens, mask))
+
+
+class LayerPoolHead(nn.Module):
+    """A task head on the last layer that also reads pooled features of earlier layers.
+
+    y = head(b_L + W [GAP(b_i1); ...; GAP(b_ik)], mask): the pooled features of layers i1..ik are
+    mapped to b_L's width and added to every token of b_L before the task head, so any head
+    (`head(tokens, mask)`, GAP + linear or VSE's GPO) keeps its own pooling. W starts at zero: at
+    initialisation this is exactly `head` on the last layer (the paper's W_B). The layers are computed
+    by the backbone anyway; the extra cost is one mean and one linear map per read layer.
+    Called as `head(feats, mask)` with every layer's tokens (`reads_layers`; see
+    `mdpd_vl.export.run_head`). Text layers share b_L's token count and padding mask; a layer with
+    another token count (a CNN stage) is pooled over all its tokens.
+    """
+
+    reads_layers = True
+
+    def __init__(self, head: nn.Module | dict, layers: list[int], widths: list[int], out_width: int):
+        super().__init__()
+        from mdpd_vl.export import build_head
+
+        if len(layers) != len(widths) or not layers:
+            raise ValueError(f"need one width per read layer, got layers {layers} and widths {widths}")
+        self.head = build_head(head) if isinstance(head, dict) else head
+        self.layers, self.widths = list(layers), list(widths)
+        self.mix = nn.Linear(sum(widths), out_width)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
+
+    def spec(self) -> dict:
+        """Recipe for `mdpd_vl.export` (the wrapped head's own spec inside)."""
+        from mdpd_vl.export import head_spec
+
+        kwargs = {"head": head_spec(self.head), "layers": self.layers, "widths": self.widths,
+                  "out_width": self.mix.out_features}
+        return {"target": "mdpd_vl.heads.pooling:LayerPoolHead", "kwargs": kwargs}
+
+    def forward(self, feats: list[Tensor], mask: Tensor | None = None) -> Tensor:
+        last = feats[-1]
+        pooled = []
+        for i in self.layers:
+            t = feats[i]
+            pooled.append(masked_mean(t, mask if mask is not None and mask.shape[1] == t.shape[1] else None))
+        shift = self.mix(torch.cat(pooled, dim=-1).to(last.dtype))
+        return self.head(last + shift.unsqueeze(1), mask)

@@ -169,7 +169,8 @@ def efficiency(model: DualTowerRetrieval, data: RetrievalData, cfg: ITRConfig, d
 
     side = model.deployed(side_kept=True) if model.is_mdpd else None
     timed = {"deployed": pair(deployed.image, deployed.text),
-             "bare": pair(_Features(model.image.backbone), _Features(model.text.backbone)),
+             "bare": pair(_Features(_bare(model.image.backbone, deployed.image)),
+                          _Features(_bare(model.text.backbone, deployed.text))),
              "side_kept": pair(*side) if side is not None else None}
     step = kit.TrainStep(model, closure, params, (batch["image"], batch["text"]), n)
     return kit.efficiency(
@@ -177,6 +178,15 @@ def efficiency(model: DualTowerRetrieval, data: RetrievalData, cfg: ITRConfig, d
         trainable_params=sum(t.trainable_params for t in (model.image, model.text)),
         inference_params=sum(t.inference_params for t in (model.image, model.text)),
         inference_params_side_kept=_count(side) if side is not None else None)
+
+
+def _bare(live: torch.nn.Module, deployed: torch.nn.Module) -> torch.nn.Module:
+    """The backbone whose features are "bare": a deployed plain backbone + head (merged LoRA, faded MDPD)
+    has the bare architecture; otherwise the live one (side-kept networks leave it unmodified). The live
+    backbone of a LoRA run still holds its unmerged tuner layers, slower than the bare architecture."""
+    from mdpd_vl.export import is_plain
+
+    return deployed.backbone if is_plain(deployed) else live
 
 
 def _count(modules: tuple[torch.nn.Module, ...]) -> int:

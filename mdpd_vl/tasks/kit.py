@@ -467,6 +467,30 @@ def _write_comparison(folder: Path, runs: list[Mapping[str, Any]], command: str,
     return text
 
 
+def gains_table(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], key: str = "rsum", name: str = "Rsum") -> str:
+    """MDPD's deployed (faded) model against each side-kept method of a comparison: the headline metric
+    and the throughput, each run's QPS taken relative to the bare model timed interleaved with it in its
+    own process (which cancels the load of the machine at the time). Empty without both kinds of run."""
+    side = [(lab, r) for lab, r in zip(labels, runs) if r["method"] in ("unipt", "sherl", "lst")]
+    ours = [(lab, r) for lab, r in zip(labels, runs) if r["method"] == "mdpd"]
+
+    def speed(r: Mapping[str, Any]) -> float | None:
+        eff = r["efficiency"]
+        return eff["infer_qps"] / eff["infer_qps_bare"] if eff.get("infer_qps") and eff.get("infer_qps_bare") else None
+
+    rows = []
+    for lab, r in ours:
+        for slab, s in side:
+            mine, theirs = speed(r), speed(s)
+            rows.append({"MDPD run": lab, "vs side kept": slab, f"{name} (MDPD faded)": r["metrics"][key],
+                         f"{name} (side kept)": s["metrics"][key],
+                         "gain": round(r["metrics"][key] - s["metrics"][key], 2),
+                         "QPS / bare (MDPD)": round(mine, 3) if mine else "-",
+                         "QPS / bare (side kept)": round(theirs, 3) if theirs else "-",
+                         "QPS gain": f"{100 * (mine / theirs - 1):+.1f}%" if mine and theirs else "-"})
+    return "MDPD (faded) against each side-kept method:\n\n" + markdown_table(rows) if rows else ""
+
+
 def compare_folder(label: str) -> str:
     """The run folder name of one `--compare` entry (`mdpd:norms_all+ckpt` -> `mdpd_norms_all_ckpt`)."""
     return label.replace(":", "_").replace("+", "_")
@@ -526,11 +550,13 @@ def resolve_config(cls: type, args: argparse.Namespace, flags: Mapping[str, str]
 def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | None], Mapping[str, Any]], *,
          module: str, flags: Mapping[str, str], argv: Sequence[str] | None = None,
          in_dirs: Mapping[str, Any] | None = None, metric: tuple[str, str] = ("rsum", "Rsum"),
-         columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> int:
+         columns: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+         notes: Callable[..., str] | None = None) -> int:
     """Run a recipe from its parsed options: `--print-config`, else the paths checked (`in_dirs`: the
     folders it reads, `{flag: path}`), then one `run(cfg, command, None)` or, with `--compare`,
     one `run(cfg_m, command, output_dir/m)` per method (every name checked first) and the comparison table +
-    chart on `metric` (results key, display name). Errors raised later still name the option typed."""
+    chart on `metric` (results key, display name), followed by `notes(runs, labels, *metric)` when given
+    (e.g. `gains_table`). Errors raised later still name the option typed."""
     command = common.command_line(argv, module)
     keep_freed_memory()  # a CLI process: CPU training steps stop page-faulting their activations
     try:
@@ -549,8 +575,10 @@ def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | Non
             one = copy.deepcopy(cfg)
             one.method = copy.deepcopy(method)
             runs.append(run(one, command, Path(cfg.output_dir) / compare_folder(label)))
-        show(write_comparison(Path(cfg.output_dir), runs, command, *metric, columns=columns,
-                              labels=[label for label, _ in methods]))
+        labels = [label for label, _ in methods]
+        show(on_main(lambda: write_comparison(  # the main process alone holds the runs (None elsewhere)
+            Path(cfg.output_dir), runs, command, *metric, columns=columns, labels=labels,
+            notes=notes(runs, labels, *metric) if notes is not None else "")) or "")
         return 0
     except UserError as err:  # said in the user's words: the option they typed, not a config key
         raise common.relabel(err, user_labels(args, flags)) from None

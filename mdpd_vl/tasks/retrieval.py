@@ -49,7 +49,8 @@ class DualTowerRetrieval(nn.Module):
     def _tower(self, tuned: TunedModel, x: Any) -> tuple[Tensor, Tensor | None, dict[str, Tensor], Tensor | None]:
         if isinstance(tuned, MdpdTuned):
             out = tuned.core(x)  # no per-tower task loss: the task loss couples the towers
-            return out.y_side, out.y_backbone, out.losses, out.y_teacher
+            # side-only warm-up / alternate side steps: the backbone path gets no loss (it runs without grad)
+            return out.y_side, None if out.phase == "side" else out.y_backbone, out.losses, out.y_teacher
         y, losses = tuned.train_forward(x)
         return y, None, losses, None
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mdpd_vl.backbones.base import Backbone
 from mdpd_vl.data.collate import Collator, Tokenize
+from mdpd_vl.deploy.grounding import Grounder, PackedGrounder, TowerGrounder, image_grid
 from mdpd_vl.errors import UserError
 from mdpd_vl.heads.grounding import (
     BoxScoreHead,
@@ -38,7 +39,6 @@ from mdpd_vl.heads.grounding import (
     GroundingTransformer,
     TokenPassthrough,
     positive_map,
-    top_box,
 )
 from mdpd_vl.heads.grounding_loss import (
     Targets,
@@ -83,55 +83,6 @@ def tower_method(cfg: MethodConfig) -> MethodConfig:
     if cfg.distill.schedule == "alternate":
         raise UserError("grounding trains both paths every step; use schedule: joint", field="method.distill.schedule")
     return replace(cfg, distill=replace(cfg.distill, logits="none", task_on_backbone=False))
-
-
-# -- served models ----------------------------------------------------------------------------------
-class Grounder(nn.Module):
-    """A grounding model as served: `forward(images, text) -> GroundingOutput`, `ground(...)` -> pixel boxes."""
-
-    @torch.no_grad()
-    def ground(self, images: Tensor, text: dict[str, Tensor], sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-scoring box per expression in pixels (`xyxy`) and its score; `sizes` is `B x 2` (height, width).
-        Leaves the modules in eval mode: they are shared with the training model, whose own `train()` (which
-        keeps frozen backbones in eval mode; the engine calls it after evaluating) must be the one to undo it."""
-        self.eval()
-        out = self(images, text)
-        return top_box(out, sizes.to(out.boxes.device))
-
-
-class TowerGrounder(Grounder):
-    """Placement A: image module -> tokens, text module -> tokens, then the MDETR transformer."""
-
-    def __init__(self, image: nn.Module, text: nn.Module, backbones: tuple[Backbone, Backbone],
-                 transformer: GroundingTransformer):
-        super().__init__()
-        self.image, self.text, self.transformer = image, text, transformer
-        self._backbones = backbones  # not registered again: they live inside image / text
-
-    def forward(self, images: Tensor, text: dict[str, Tensor]) -> GroundingOutput:
-        img, txt = self.image(images), self.text(text)
-        grid = image_grid(self._backbones[0], img)
-        return self.transformer(img, grid, txt, self._backbones[1].padding_mask(text))
-
-
-class PackedGrounder(Grounder):
-    """Placement B: the tuned MDETR (+ side network) and its box / score head, whose packed output is unpacked."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, images: Tensor, text: dict[str, Tensor]) -> GroundingOutput:
-        return BoxScoreHead.unpack(self.module({"images": images, "text": text}))
-
-
-def image_grid(backbone: Backbone, tokens: Tensor) -> tuple[int, int]:
-    """The spatial grid of the image tower's output tokens (the last layer's layout)."""
-    grid = backbone.layer_specs[-1].grid_for(tokens.shape[1])
-    if grid is None:
-        raise UserError(f"the image backbone {type(backbone).__name__} has no spatial grid in its last layer",
-                        field="backbone")
-    return grid
 
 
 # -- training models --------------------------------------------------------------------------------
@@ -201,6 +152,20 @@ class GroundingModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the deployed model as an MDETR checkpoint (`backbones.mdetr.load_mdetr` reads it back)."""
         raise NotImplementedError
+
+    def bare(self) -> Grounder:
+        """The untuned architecture (backbones + an MDETR transformer / box head of the backbone widths, eval
+        mode): what the deployed model's latency is measured against."""
+        raise NotImplementedError
+
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        raise NotImplementedError
+
+    @property
+    def savable(self) -> bool:
+        """`save_pretrained` applies: the deployed model is a plain MDETR (no side network, no unmerged adapter)."""
+        return not any(isinstance(t, SideTuned) or t.method in ("lora", "adapter") for t in self.tuned_models)
 
 
 def ema_teacher(tuned: MdpdTuned, out: Any) -> Tensor | None:
@@ -293,6 +258,18 @@ class TowerGrounding(GroundingModel):
             out["side_head"] = list(self.head_side.parameters())
         return out
 
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        return [self.image, self.text]
+
+    def bare(self) -> TowerGrounder:
+        from mdpd_vl.export import FadedModel
+
+        image, text = self.image.backbone, self.text.backbone
+        transformer = GroundingTransformer(image.widths[-1], text.widths[-1], self.cfg).eval()
+        return TowerGrounder(FadedModel(image, TokenPassthrough()), FadedModel(text, TokenPassthrough()),
+                             (image, text), transformer)
+
     def save_pretrained(self, folder: str | Path) -> Path:
         from mdpd_vl.backbones.mdetr import save_mdetr
 
@@ -338,6 +315,16 @@ class TransformerGrounding(GroundingModel):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return self.tuned.param_groups()
+
+    @property
+    def tuned_models(self) -> list[TunedModel]:
+        return [self.tuned]
+
+    def bare(self) -> PackedGrounder:
+        from mdpd_vl.export import FadedModel
+
+        backbone = self.tuned.backbone
+        return PackedGrounder(FadedModel(backbone, BoxScoreHead(backbone.widths[-1], self.cfg.num_tokens)).eval())
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from mdpd_vl.backbones.mdetr import MdetrBackbone, save_mdetr

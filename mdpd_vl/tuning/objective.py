@@ -19,7 +19,9 @@ _NAMES = {"linear": "linear probe", "full": "full fine-tuning", "partial": "norm
           "unipt": "UniPT (side kept)", "sherl": "SHERL (side kept)", "lst": "LST (side kept)", "mdpd": "MDPD"}
 _TRAINABLE = {"head": "only the backbone head W_B (no backward through the backbone)",
               "norms_last_k": "W_B and the norm layers of the last {k} backbone block(s)",
-              "norms_all": "W_B and the norm layers of every backbone block (the paper)"}
+              "norms_all": "W_B and the norm layers of every backbone block (the paper)",
+              "norms_biases": "W_B, the norm layers and every bias inside the backbone blocks",
+              "lowrank": "W_B and low-rank deltas (rank {r}, scale {alpha:g}/{r}) on the backbone blocks' linear layers"}
 
 
 def _as_dict(extra: Any) -> dict[str, Any]:
@@ -88,6 +90,9 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
     elif d.logits == "relational":
         learns.append(f"the per-tower in-batch relational KL (weight {_weight(d.logits_weight)}, "
                       f"temperature {d.temperature:g})")
+    if d.feature_logits > 0:
+        learns.append(f"the last-layer feature regression of b_L onto the side network's output tokens (weight "
+                      f"{_weight(d.feature_logits)}, sum-reduced, through a regressor dropped at fading)")
     if learns:
         parts.append(f"The backbone path learns from {teacher} by " + " and ".join(learns) + ".")
     else:
@@ -96,11 +101,18 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
     parts.append(f"Feature distillation (backbone teaches side) over {layers}: the shallowest {d.split:.0%} "
                  f"imitate (weight {_weight(d.shallow_weight)}), the rest regenerate masked tokens (mask ratio "
                  f"{d.mask_ratio:g}, weight {_weight(d.deep_weight)}).")
-    trains = _TRAINABLE[d.backbone_trainable].format(k=d.last_k)
+    trains = _TRAINABLE[d.backbone_trainable].format(k=d.last_k, r=d.lowrank_r, alpha=d.lowrank_alpha)
     parts.append(f"In the backbone, {trains} train{'s' if d.backbone_trainable == 'head' else ''}"
                  + (f", with activation checkpointing ({'all' if d.checkpointing is True else d.checkpointing})"
-                    if d.checkpointing not in (False, None, "none") else "") + ".")
-    parts.append("Schedule: " + ("joint (every loss every step)." if d.schedule == "joint" else
-                                 "alternate (even optimiser steps train the side path, odd steps the backbone path)."))
-    parts.append(mode + " Served faded: the backbone + W_B only.")
+                    if d.checkpointing not in (False, None, "none") else "")
+                 + (" (the deltas are merged into the weights when faded: the bare architecture)"
+                    if d.backbone_trainable == "lowrank" else "") + ".")
+    warmup = (f"the first {d.side_warmup_steps} optimiser steps train the side path only, then "
+              if d.side_warmup_steps else "")
+    parts.append("Schedule: " + warmup + ("joint (every loss every step)." if d.schedule == "joint" else
+                                          "alternate (even optimiser steps train the side path, odd steps the "
+                                          "backbone path)."))
+    reads = ("W_B reads the last layer" if d.head_layers == "last" else
+             f"W_B reads the last layer plus the pooled features of layers {d.head_layers} (head_layers)")
+    parts.append(mode + f" Served faded: the backbone + W_B only; {reads}.")
     return " ".join(parts)
