@@ -218,8 +218,9 @@ def index_dir(cfg: VGRunConfig) -> Path:
     return folder
 
 
-def run(cfg: VGRunConfig, command: str, output_dir: Path | None = None) -> dict[str, Any]:
-    """Train, evaluate, export one method; returns the results dict (also written to results.json)."""
+def run(cfg: VGRunConfig, command: str, output_dir: Path | None = None) -> dict[str, Any] | None:
+    """Train, evaluate, export one method; returns the results dict (also written to results.json).
+    Several processes: all train; the main one alone evaluates, times, exports and writes (kit)."""
     timings = kit.Timings()
     common.seed_everything(cfg.train.seed)
     with timings.phase("backbones + method"):
@@ -228,14 +229,14 @@ def run(cfg: VGRunConfig, command: str, output_dir: Path | None = None) -> dict[
         model = build_model(cfg)
     with timings.phase("data: shapes world / indexes"):
         folder = index_dir(cfg)
-    out = common.check_output_dir(output_dir or cfg.output_dir)
+    out = kit.output_dir(output_dir or cfg.output_dir)
     cached = cfg.data.cache_features and ev.cache_is_exact(cfg)
     with timings.phase("data: feature cache" if cached else "data"):
         data = ev.GroundingData.build(cfg, model, folder, cached)
-    print(f"vg: {cfg.method.name} on {cfg.data.dataset}/{cfg.data.variant} (placement {cfg.vg.placement}; "
-          f"{len(data.train_set)} training expressions, eval {data.split_sizes()}), backbone {cfg.backbone}"
-          f"{', cached frozen features' if data.cached else ''}")
-    print(f"best constant box (chosen on {cfg.data.train_split}): {data.baseline_line()}")
+    kit.show(f"vg: {cfg.method.name} on {cfg.data.dataset}/{cfg.data.variant} (placement {cfg.vg.placement}; "
+             f"{len(data.train_set)} training expressions, eval {data.split_sizes()}), backbone {cfg.backbone}"
+             f"{', cached frozen features' if data.cached else ''}")
+    kit.show(f"best constant box (chosen on {cfg.data.train_split}): {data.baseline_line()}")
 
     def step_fn(m: GroundingModel, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         losses = m.losses(batch)
@@ -246,6 +247,12 @@ def run(cfg: VGRunConfig, command: str, output_dir: Path | None = None) -> dict[
         result = train(model, step_fn, data.train_set, data.collate, kit.optimizer_groups(model.param_groups(),
                        cfg.group_lr), cfg.train, out / "train", resume="auto", config=dump_config(cfg))
         train_seconds = time.perf_counter() - t0
+    return kit.on_main(_finish, cfg, command, model, data, out, result, train_seconds, timings)
+
+
+def _finish(cfg: VGRunConfig, command: str, model: GroundingModel, data: Any, out: Path, result: Any,
+            train_seconds: float, timings: kit.Timings) -> dict[str, Any]:
+    """After training, on the main process: evaluate, export, measure, write results.json + card, summary."""
     with timings.phase("evaluation"):
         deployed = ev.grounder(model, data)
         metrics, preds = ev.evaluate(deployed, data)
@@ -262,17 +269,17 @@ def run(cfg: VGRunConfig, command: str, output_dir: Path | None = None) -> dict[
         method=cfg.method.name, backbone=cfg.backbone, metrics=metrics, metrics_side_kept=side,
         metrics_before_training=None, efficiency=efficiency, train_seconds=train_seconds, timings=timings,
         command=command, config=dump_config(cfg), objective=ev.objective(cfg), placement=cfg.vg.placement,
-        train_steps=result.step, cached_features=data.cached, constant_box_baseline=data.baseline,
+        train_result=result, train_steps=result.step, cached_features=data.cached, constant_box_baseline=data.baseline,
         problems=data.problems(), examples_png=str(examples), predictions=predictions, export_dir=str(export_dir) if export_dir else None,
         mdetr_checkpoint=str(checkpoint) if checkpoint else None,
         feature_cache=str(data.cache_dir) if data.cache_dir else None)
-    common.write_json(out / "results.json", results)
+    kit.write_results(out, results)
     card = ev.write_card(out, results, data)
     where = kit.locations(out, export_dir, card, data.cache_dir)
     where.insert(2, ("examples", f"{examples}  (expression, predicted box red, ground truth green)"))
     if checkpoint:
         where.insert(3, ("MDETR checkpoint", f"{checkpoint}  (--pretrained {checkpoint}: placement B)"))
-    print(kit.summary(results, ev.metrics_table(results), where))
+    kit.show(kit.summary(results, ev.metrics_table(results), where))
     return results
 
 
