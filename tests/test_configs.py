@@ -11,6 +11,11 @@ from mdpd_vl.tasks.vtr import VTRTaskConfig
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"itr": ITRConfig, "vtr": VTRTaskConfig}
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+VARIANTS = {  # name suffix -> what the config must then say
+    "": lambda cfg: cfg.method.name != "mdpd" or cfg.method.distill.backbone_trainable in ("head", "norms_all"),
+    "norms": lambda cfg: cfg.method.distill.backbone_trainable == "norms_all" and cfg.method.distill.checkpointing,
+    "seqTransf": lambda cfg: cfg.vtr.sim == "seqTransf",
+}
 
 
 def test_there_are_configs():
@@ -23,5 +28,7 @@ def test_config_loads_and_names_its_command(path: Path):
     first = path.read_text().splitlines()[0]
     rel = path.relative_to(ROOT).as_posix()
     assert first == f"# python -m mdpd_vl.tasks.{path.parent.name} --config {rel}"
-    dataset, method = path.stem.split("_", 1)
+    dataset, name = path.stem.split("_", 1)
+    method, _, variant = name.partition("-")  # `<method>-<variant>`: one setting spelled out in the name
     assert cfg.data.dataset == dataset and cfg.method.name == method
+    assert variant in VARIANTS and VARIANTS[variant](cfg), variant
