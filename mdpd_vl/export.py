@@ -58,9 +58,13 @@ def run_head(head: nn.Module, feats: list[Tensor], mask: Tensor | None) -> Tenso
 
 
 def is_plain(module: nn.Module) -> bool:
-    """A `FadedModel` whose backbone has its own architecture (no peft tuner layer left in it): what
-    `export_faded` writes and `load_faded` rebuilds from the backbone's spec."""
+    """A `FadedModel` whose backbone has its own architecture (no peft tuner layer and no inserted
+    adapter left in it): what `export_faded` writes and `load_faded` rebuilds from the backbone's spec."""
     if type(module) is not FadedModel:
+        return False
+    from mdpd_vl.tuning.adapter import Adapted
+
+    if any(isinstance(m, Adapted) for m in module.modules()):  # the spec would rebuild it without them
         return False
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -12,7 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"itr": ITRConfig, "vtr": VTRTaskConfig}
 PROTOCOLS = {"research.yaml"}  # protocol files of a study (not named <dataset>_<method>)
 ROWS = {"frontier.yaml"}  # rows files of python -m mdpd_vl.tasks.fading (tests/test_fading.py loads them)
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.name not in ROWS)
+# configs/vqa and configs/vg have their own tests (tests/test_vqa_configs.py, tests/test_vg_configs.py)
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.name not in ROWS and p.parent.name in RECIPES)
+VARIANTS = {  # name suffix -> what the config must then say
+    "": lambda cfg: cfg.method.name != "mdpd" or cfg.method.distill.backbone_trainable in ("head", "norms_all"),
+    "norms": lambda cfg: cfg.method.distill.backbone_trainable == "norms_all" and cfg.method.distill.checkpointing,
+    "seqTransf": lambda cfg: cfg.vtr.sim == "seqTransf",
+}
 
 
 def test_there_are_configs():
@@ -27,5 +33,7 @@ def test_config_loads_and_names_its_command(path: Path):
     assert first == f"# python -m mdpd_vl.tasks.{path.parent.name} --config {rel}"
     if path.name in PROTOCOLS:
         return
-    dataset, method = path.stem.split("_", 1)
+    dataset, name = path.stem.split("_", 1)
+    method, _, variant = name.partition("-")  # `<method>-<variant>`: one setting spelled out in the name
     assert cfg.data.dataset == dataset and cfg.method.name == method
+    assert variant in VARIANTS and VARIANTS[variant](cfg), variant

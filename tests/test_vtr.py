@@ -1,4 +1,4 @@
-"""The VTR recipe end to end on the tiny shapes videos with the offline pre-trained pair: two steps per
+"""The VTR recipe end to end on the tiny shapes videos with the offline pre-trained pair: a few steps per
 method with the loss falling, the MSVD multi-sentence protocol through the recipe, the export alone
 reproducing the metrics, the card's Use snippet, bad videos skipped and counted, bad input."""
 
@@ -67,11 +67,15 @@ def _losses(out: Path, key: str = "loss") -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
-def test_two_steps_per_method_loss_falls(name: str, data_root: Path, tmp_path: Path) -> None:
+def test_a_few_steps_per_method_loss_falls(name: str, data_root: Path, tmp_path: Path) -> None:
+    """Four steps on the same 4 videos (SHERL's dropout and the side networks' batch statistics make
+    one step's loss noisy by about 0.1, so two steps cannot tell a fall from the noise): the last
+    loss is below the first. lr 3e-4: Adam's first step at 1e-3 moves every fresh side-network weight
+    by 1e-3 and overshoots."""
     torch.set_num_threads(1)
-    _run(_small(data_root, tmp_path, *METHODS[name]))
+    _run(_small(data_root, tmp_path, *METHODS[name], "--set", "train.epochs=4", "--set", "train.lr=3e-4"))
     losses = _losses(tmp_path)
-    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
     r = json.loads((tmp_path / "results.json").read_text())
     from mdpd_vl.tasks.kit import EFFICIENCY_KEYS, RESULT_KEYS
 

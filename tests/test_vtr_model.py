@@ -235,3 +235,16 @@ def test_the_deployed_pieces_export_and_rebuild_from_their_specs(batch, tmp_path
     with torch.no_grad():
         assert torch.allclose(again(batch), video_enc(batch), atol=1e-6)
         assert torch.allclose(load_exported(tmp_path / "text")(batch["text"]), text_enc(batch["text"]), atol=1e-6)
+
+
+def test_only_plain_deployments_are_exportable() -> None:
+    """Faded MDPD, merged LoRA and head-only methods export; inserted adapters and side networks
+    change the backbone's architecture, which the backbone's spec would rebuild without them."""
+    from mdpd_vl.export import is_plain
+
+    adapter = MethodConfig(name="adapter", adapter_dim=4)
+    for method, plain in (("mdpd_head", True), ("lora", True), ("linear", True), ("adapter", False),
+                          ("unipt", False)):
+        cfg = adapter if method == "adapter" else METHODS[method]
+        video, text = build_vtr_model(build_tiny_vit(), build_tiny_bert(), cfg, VTRConfig()).deployed()
+        assert is_plain(video.frame_encoder) == plain and is_plain(text) == plain, method

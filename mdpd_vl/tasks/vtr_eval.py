@@ -16,7 +16,6 @@ retriever batches), so evaluations give the numbers of live passes.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,20 +392,14 @@ def use_snippet(export_dir: Path | None, data: VideoData) -> str:
     if export_dir is None:
         return ("# not exported: this method's deployed towers are not a plain backbone + head\n"
                 "# (side-kept networks and unmergeable adapters change the backbone)")
-    videos = [_shown(data.video_paths[0]), _shown(data.video_paths[-1])]
+    videos = [kit.shown_path(data.video_paths[0]), kit.shown_path(data.video_paths[-1])]
     caption = data.evalset.captions[data.evalset.video_to_captions[0][0]]
     return (f"from mdpd_vl.export import load_exported\n\n"
-            f"model = load_exported({_shown(export_dir)!r})  # frame + text encoders, similarity head, "
+            f"model = load_exported({kit.shown_path(export_dir)!r})  # frame + text encoders, similarity head, "
             f"frame sampling and preprocessing\n"
             f"videos = model.encode_videos({videos!r})  # video files -> L2-normalised embeddings\n"
             f"texts = model.encode_texts([{caption!r}])\n"
             f"print(texts @ videos.T)  # cosine similarities; the caption describes the first video")
-
-
-def _shown(path: Path) -> str:
-    """`path` relative to the working folder when it lies inside it (cards read better), else absolute."""
-    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
-    return rel if not rel.startswith("..") else str(Path(path).resolve())
 
 
 def write_card(out: Path, results: dict[str, Any], data: VideoData) -> Path:
@@ -421,4 +414,4 @@ def write_card(out: Path, results: dict[str, Any], data: VideoData) -> Path:
                          f"projection), with the frame sampling and preprocessing they were evaluated with; no side "
                          f"network.",
         metrics_table=metrics_table(results), use_snippet=use_snippet(export_dir, data),
-        data=f"{results['dataset']}, trained on `{results['config']['data']['train_split']}`; test protocol: {protocol}.")
+        objective=results["objective"], data=f"{results['dataset']}, trained on `{results['config']['data']['train_split']}`; test protocol: {protocol}.")
