@@ -168,6 +168,9 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("mdpd_vl"))))
 def test_the_model_card_use_snippet_runs(mdpd_run: tuple[Path, str]) -> None:
     out, _ = mdpd_run
     card = (out / "MODEL_CARD.md").read_text()
+    objective = _results(out)["objective"]  # in words: VQA's loss on both paths and the answer KL
+    assert f"## Training objective\n\n{objective}" in card
+    assert "soft scores" in objective and "backbone path" in objective and "KL of the answer distributions" in objective
     snippet = re.search(r"## Use\n\n```python\n(.*?)```", card, re.S)
     assert snippet, card[:2000]
     done = _python(snippet.group(1), Path.cwd())

@@ -1,6 +1,7 @@
 """The VQA recipe's splits and vocabularies without a model: LXMERT's minival / nominival split of
 VQAv2 val (CLIP-ViL trains on `train,nominival` and validates on `minival`), the answer vocabulary
-each dataset gets (`auto`), and the real datasets' presets (CLIP-ViL's image tower and schedule)."""
+each dataset gets (`auto`), the real datasets' presets (CLIP-ViL's image tower and schedule), and
+the run's objective in words."""
 
 from __future__ import annotations
 
@@ -89,3 +90,20 @@ def test_real_presets_are_clipvils_tower_and_schedule(dataset: str) -> None:
     assert cfg.data.train_splits == (["train"] if dataset == "vqav2" else ["train", "val"])
     flag = resolve_config(parse_args(["--dataset", dataset, "--backbone", "offline"]))
     assert flag.backbone == "offline"  # flags win over the preset
+
+
+def test_the_objective_in_words_names_vqas_losses_and_answer_distillation() -> None:
+    from mdpd_vl.tasks.vqa import objective
+
+    def words(*sets: str) -> str:
+        return objective(resolve_config(parse_args([a for s in sets for a in ("--set", s)])))
+
+    kl = words("vqa.temperature=2")
+    assert "soft scores" in kl and "on the side path and on the backbone path" in kl
+    assert "KL of the answer distributions (temperature 2, weight 1)" in kl and "eq. 3" not in kl
+    mse = words("vqa.logits=mse", "vqa.task=gqa", "vqa.backbone_task=false")
+    assert "answer-logits MSE of paper eq. 3 (weight 0.0001" in mse and "single GQA answer" in mse
+    assert "the backbone path gets no task loss" in mse
+    assert "gets no distillation term" in words("vqa.logits=none")
+    lora = words("method.name=lora", "vqa.task=gqa", "vqa.gqa_loss=bce")
+    assert lora.startswith("LoRA") and "one-hot GQA answer" in lora and "merged into the weights" in lora
