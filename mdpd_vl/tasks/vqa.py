@@ -249,6 +249,7 @@ def score_only(cfg: VQARunConfig, path: str) -> int:
 def compare(cfg: VQARunConfig, entries: str, command: str) -> int:
     """One run per `--compare` entry on identical data, seeds and aligned connector; one table."""
     methods = parse_name_list(entries, "--compare", lambda e: (e, kit.compare_entry(cfg.method, e)))
+    kit.keep_freed_memory()  # as kit.main does for every CLI run
     memo: dict[str, Any] = {}
     runs = []
     for label, method in methods:
