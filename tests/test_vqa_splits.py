@@ -84,7 +84,7 @@ def test_auto_vocabularies_are_clipvils_for_real_data_and_the_training_answers_f
 def test_real_presets_are_clipvils_tower_and_schedule(dataset: str) -> None:
     cfg = resolve_config(parse_args(["--dataset", dataset]))
     assert (cfg.backbone, cfg.pretrained, cfg.text_backbone) == ("RN50x4", "openai", None)
-    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs) == (32, 8, 5)
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs, cfg.train.schedule) == (32, 8, 5, "linear")
     assert not cfg.data.cache_grids and not cfg.data.cache_features and cfg.data.image_size is None
     assert setup.eval_split(cfg, cfg.vqa.task) == ("val" if dataset == "vqav2" else "testdev")
     assert cfg.data.train_splits == (["train"] if dataset == "vqav2" else ["train", "val"])

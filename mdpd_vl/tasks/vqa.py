@@ -43,10 +43,11 @@ DATASETS = ("shapes", "vqav2", "gqa")
 # What each dataset changes from the defaults when no --config is given (configs/vqa/ spell it out).
 # Real data: CLIP-ViL's image tower (RN50x4, OpenAI weights; the encoder defaults to bert-base-uncased)
 # and schedule (Paranioar/UniPT CLIP-ViL/scripts/train_side_{vqa,gqa}.sh: batch 32 x 8 accumulated,
-# 5 epochs, warm-up 5%), the backbone's own image size, no in-memory caches.
+# 5 epochs, warm-up 5% then linear decay as BertAdam's warmup_linear and the paper's Table A), the
+# backbone's own image size, no in-memory caches.
 _REAL = ["backbone=RN50x4", "pretrained=openai", "data.image_size=null", "data.cache_grids=false",
-         "data.cache_features=false", "train.batch_size=32", "train.grad_accum=8", "train.epochs=5", "align.epochs=1",
-         "align.batch_size=32"]
+         "data.cache_features=false", "train.batch_size=32", "train.grad_accum=8", "train.epochs=5",
+         "train.schedule=linear", "align.epochs=1", "align.batch_size=32"]
 DATASET_PRESETS: dict[str, list[str]] = {
     "shapes": [],
     "vqav2": [*_REAL, "vqa.task=vqa", "train.lr=5e-4", "data.eval_split=val"],
