@@ -51,10 +51,14 @@ class FadedModel(nn.Module):
 
 
 def is_plain(module: nn.Module) -> bool:
-    """A `FadedModel` whose backbone has its own architecture (no peft tuner layer left in it): what
+    """A `FadedModel` whose backbone has its own architecture (no peft tuner layer or adapter in it): what
     `export_faded` writes and `load_faded` rebuilds from the backbone's spec."""
     if type(module) is not FadedModel:
         return False
+    from mdpd_vl.tuning.adapter import Adapted  # export time only: loading never calls this
+
+    if any(isinstance(m, Adapted) for m in module.modules()):
+        return False  # Houlsby adapters are ours, not peft's, and are not in the backbone's spec
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # without peft no tuner layer can exist
