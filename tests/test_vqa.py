@@ -168,6 +168,9 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("mdpd_vl"))))
 def test_the_model_card_use_snippet_runs(mdpd_run: tuple[Path, str]) -> None:
     out, _ = mdpd_run
     card = (out / "MODEL_CARD.md").read_text()
+    objective = _results(out)["objective"]  # in words: VQA's loss on both paths and the answer KL
+    assert f"## Training objective\n\n{objective}" in card
+    assert "soft scores" in objective and "backbone path" in objective and "KL of the answer distributions" in objective
     snippet = re.search(r"## Use\n\n```python\n(.*?)```", card, re.S)
     assert snippet, card[:2000]
     done = _python(snippet.group(1), Path.cwd())
@@ -276,7 +279,8 @@ def test_errors_name_the_option_the_user_typed(data_root: Path, tmp_path: Path, 
     assert line.startswith("error: --method nonsense: unknown tuning method 'nonsense'") and "lora" in line
     assert "only mdpd takes a variant" in error("--compare", "linear,lora:head")
     line = error("--compare", "linear,mdpd:everything")
-    assert line.startswith("error: --compare:") and "backbone_trainable" in line and "nothing was run" in line
+    assert line.startswith("error: --compare:") and "valid: head, norms_last_k, norms_all" in line
+    assert "nothing was run" in line
     assert "vqa.task" in error("--dataset", "vqav2", "--set", "vqa.task=gqa")
     line = error("--set", "data.shapes_scale=tiny", "--set", "data.eval_split=minival", "--method", "linear")
     assert "minival.json" in line and "data.minival_file" in line

@@ -228,3 +228,14 @@ def test_deployed_model_exports_and_reloads_with_identical_answers(world: Path, 
     with torch.no_grad():  # (LoRA exports once merged: the task kit's job)
         assert torch.equal(reloaded(x), deployed(x))
     assert not any(isinstance(m, SideNetwork) for m in reloaded.modules())
+
+
+@pytest.mark.parametrize("key", ["adapter", "unipt"])
+def test_models_an_export_cannot_rebuild_are_not_exported(world: Path, tokenizer: Any, key: str) -> None:
+    """Houlsby adapters (ours, not peft's) and side-kept networks are not in the backbone's spec: a
+    reloaded export would lack them, so the deployed answerer says it is not exportable."""
+    model, _ = build(world, tokenizer, key, "vqa")
+    qa = model.answerer()
+    assert not qa.exportable()
+    with pytest.raises(TypeError, match="plain backbone"):
+        qa.export_parts(Path("unused"))

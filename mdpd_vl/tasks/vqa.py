@@ -37,13 +37,17 @@ from mdpd_vl.tasks import vqa_eval as ev
 from mdpd_vl.tasks import vqa_setup as setup
 from mdpd_vl.tasks.vqa_model import VQAConfig, VQAModel, build_vqa_model
 from mdpd_vl.tuning.config import MethodConfig
+from mdpd_vl.tuning.objective import describe_objective
 
 DATASETS = ("shapes", "vqav2", "gqa")
 # What each dataset changes from the defaults when no --config is given (configs/vqa/ spell it out).
-# Real data: CLIP-ViL's schedule (Paranioar/UniPT CLIP-ViL/scripts/train_side_{vqa,gqa}.sh: batch
-# 32 x 8 accumulated, 5 epochs, warm-up 5%), the backbone's own image size, no in-memory caches.
-_REAL = ["data.image_size=null", "data.cache_grids=false", "data.cache_features=false", "train.batch_size=32",
-         "train.grad_accum=8", "train.epochs=5", "align.epochs=1", "align.batch_size=32"]
+# Real data: CLIP-ViL's image tower (RN50x4, OpenAI weights; the encoder defaults to bert-base-uncased)
+# and schedule (Paranioar/UniPT CLIP-ViL/scripts/train_side_{vqa,gqa}.sh: batch 32 x 8 accumulated,
+# 5 epochs, warm-up 5% then linear decay as BertAdam's warmup_linear and the paper's Table A), the
+# backbone's own image size, no in-memory caches.
+_REAL = ["backbone=RN50x4", "pretrained=openai", "data.image_size=null", "data.cache_grids=false",
+         "data.cache_features=false", "train.batch_size=32", "train.grad_accum=8", "train.epochs=5",
+         "train.schedule=linear", "align.epochs=1", "align.batch_size=32"]
 DATASET_PRESETS: dict[str, list[str]] = {
     "shapes": [],
     "vqav2": [*_REAL, "vqa.task=vqa", "train.lr=5e-4", "data.eval_split=val"],
@@ -114,8 +118,9 @@ class VQARunConfig:
     # MDPD tunes the answer head of the backbone path only by default: no backward through the
     # encoder, its features cacheable (tasks/vqa.md measures norms_all + checkpointing beside it)
     method: MethodConfig = field(default_factory=lambda: MethodConfig(distill=DistillConfig(backbone_trainable="head")))
+    # 6 epochs keep the embedded default within its CPU budget (tasks/vqa.md has the measured breakdown)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=12, batch_size=64, lr=1e-3, warmup_ratio=0.05, schedule="cosine",
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=64, lr=1e-3, warmup_ratio=0.05, schedule="cosine",
                                             log_every=10, ckpt_every=0))
     group_lr: dict[str, float] = field(
         default_factory=dict, metadata={"help": "learning rate per parameter group suffix, e.g. backbone_norms: 1e-4"})
@@ -146,6 +151,20 @@ def resolve_config(args: argparse.Namespace) -> VQARunConfig:
 def build_model(cfg: VQARunConfig, backbone: Any, answers: list[str]) -> VQAModel:
     """The method on the (aligned) cross-modal backbone, with answer heads."""
     return build_vqa_model(backbone, cfg.method, answers, cfg.vqa)
+
+
+def objective(cfg: VQARunConfig) -> str:
+    """What the run optimises, in words: `describe_objective` with VQA's task loss and, for MDPD, the
+    answer distillation `VQAModel.losses` computes (DualPath's own logits term is off there)."""
+    v, method = cfg.vqa, copy.deepcopy(cfg.method)
+    if method.name == "mdpd":
+        method.distill.logits = "none"  # build_vqa_model turns it off; vqa.logits names the real term
+    loss = ("LXMERT's BCE against the VQA soft scores (summed over the answers)" if v.task == "vqa" else
+            "cross-entropy on the single GQA answer" if v.gqa_loss == "ce" else "BCE against the one-hot GQA answer")
+    answer_kd = {"kl": f"the KL of the answer distributions (temperature {v.temperature:g}, weight {v.weight:g})",
+                 "mse": f"the answer-logits MSE of paper eq. 3 (weight {v.weight:g}, sum-reduced)"}.get(v.logits)
+    return describe_objective(method, {"task_loss": loss, "backbone_task": v.backbone_task,
+                                       "answer_distillation": answer_kd})
 
 
 def _groups(model: torch.nn.Module, cfg: VQARunConfig) -> list[dict[str, Any]]:
@@ -219,7 +238,8 @@ def _finish(cfg: VQARunConfig, command: str, task: str, backbone: Any, data: set
         task="vqa", dataset=cfg.data.dataset, split=data.eval.name, method=cfg.method.name, backbone=cfg.backbone,
         metrics=metrics, metrics_side_kept=side, metrics_before_training=None, efficiency=efficiency,
         train_seconds=train_seconds, timings=timings, command=command, config=dump_config(cfg), train_result=result,
-        question_set=task, train_steps=result.step, cached_features=cached, majority_baseline=data.majority,
+        objective=objective(cfg), question_set=task, train_steps=result.step, cached_features=cached,
+        majority_baseline=data.majority,
         alignment=alignment, num_answers=len(data.answers), counts=data.counts(),
         predictions={"eval": str(out / f"predictions_{data.eval.name}.json"), "predict": predicted},
         export_dir=str(export_dir) if export_dir else None,
@@ -243,6 +263,7 @@ def score_only(cfg: VQARunConfig, path: str) -> int:
 def compare(cfg: VQARunConfig, entries: str, command: str) -> int:
     """One run per `--compare` entry on identical data, seeds and aligned connector; one table."""
     methods = parse_name_list(entries, "--compare", lambda e: (e, kit.compare_entry(cfg.method, e)))
+    kit.keep_freed_memory()  # as kit.main does for every CLI run
     memo: dict[str, Any] = {}
     runs = []
     for label, method in methods:

@@ -190,7 +190,7 @@ def write_card(out: Path, results: dict[str, Any], split: QuestionSplit) -> Path
         deployed_summary="image backbone + connector + cross-modal encoder + answer head, with the image "
                          "preprocessing, tokenizer, question length and answer vocabulary it was evaluated with; "
                          "no side network.",
-        metrics_table=metrics_table(results), use_snippet=use_snippet(export_dir, split),
+        objective=results["objective"], metrics_table=metrics_table(results), use_snippet=use_snippet(export_dir, split),
         data=f"{results['dataset']} ({results['config']['vqa']['task']} questions), trained on "
              f"{', '.join(f'`{s}`' for s in data['train_splits'])}; {results['num_answers']} answers.")
 

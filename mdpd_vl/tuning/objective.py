@@ -52,7 +52,8 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
 
     `extra` is the task's config (a dataclass or mapping), read for the task-level terms: `loss`,
     `margin`, `infonce_temperature` or a ready `task_loss` phrase, and for two-tower MDPD
-    `backbone_task`, `cross_relational`, `rel_temperature`.
+    `backbone_task`, `cross_relational`, `rel_temperature`, and `answer_distillation` (a phrase: the
+    term by which the backbone path learns from the side path when the task computes it itself).
     """
     cfg, task = method_cfg, _as_dict(extra)
     loss = _task_phrase(task)
@@ -85,6 +86,8 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
     if two_tower and rel > 0:
         learns.append(f"the cross-modal relational KL of the image-text similarity distributions (weight "
                       f"{_weight(rel)}, temperature {task.get('rel_temperature', '?')})")
+    if task.get("answer_distillation"):  # a task that computes its own logits term (VQA's answer KL)
+        learns.append(str(task["answer_distillation"]))
     if d.logits == "mse":
         learns.append(f"the per-tower logits MSE of paper eq. 3 (weight {_weight(d.logits_weight)}, sum-reduced)")
     elif d.logits == "relational":
