@@ -9,7 +9,7 @@ every command, mean +- spread over seeds, the target check and the ranking check
 tasks/itr.md) into `<output_dir>/full/`, so that the research protocol's ranking can be checked
 against it. `--report-only` trains nothing. Nothing is measured here: every number comes from a run.
 
-Run it under the shared CPU lock: `flock /work/runs/cpu.lock python -m mdpd_vl.tasks.fading`.
+Run one at a time on a quiet machine: the rows record step times.
 """
 
 from __future__ import annotations

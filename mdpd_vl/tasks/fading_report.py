@@ -234,8 +234,8 @@ tasks/itr.md), every row for each seed; the rows and their overrides are in `con
 Run under the shared CPU lock:
 
 ```bash
-flock /work/runs/cpu.lock nice -n 5 env OMP_NUM_THREADS=2 python -m mdpd_vl.tasks.fading          # research rows x seeds
-flock /work/runs/cpu.lock nice -n 5 env OMP_NUM_THREADS=2 python -m mdpd_vl.tasks.fading --full   # + the ranking rows, full protocol
+nice -n 5 env OMP_NUM_THREADS=2 python -m mdpd_vl.tasks.fading          # research rows x seeds
+nice -n 5 env OMP_NUM_THREADS=2 python -m mdpd_vl.tasks.fading --full   # + the ranking rows, full protocol
 python -m mdpd_vl.tasks.fading --report-only                                                     # the card and chart only
 ```
 

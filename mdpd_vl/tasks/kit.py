@@ -153,7 +153,7 @@ def timings_table(record: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- the allocator
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt(3) parameters (glibc malloc.h)
 
 
 def keep_freed_memory() -> bool:
@@ -163,8 +163,8 @@ def keep_freed_memory() -> bool:
     block above its mmap threshold (at most 32 MiB by default) with a fresh mmap and unmaps it on
     free, so every step touches new zero-filled pages: about 0.5 M page faults (2 GB) and 1 s of
     system time per step of the embedded default, 15-20% of its CPU time (measured with
-    getrusage; tasks/itr.md). Raising the mmap and trim thresholds (mallopt) serves those blocks
-    from the heap, where the next step reuses them. The process keeps up to its peak (it would
+    getrusage; tasks/itr.md). Raising the mmap and trim thresholds and setting M_MMAP_MAX to 0 (mallopt) serves those
+    blocks from the heap, where the next step reuses them. The process keeps up to its peak (it would
     reach it anyway). No-op where the C library is not glibc, or when the user set
     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves. Returns whether it applied."""
     if not sys.platform.startswith("linux") or any(k in os.environ for k in (
@@ -175,7 +175,10 @@ def keep_freed_memory() -> bool:
         libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
     except (OSError, AttributeError):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 2**31 - 1)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    # the thresholds alone are not enough: where the heap cannot grow in place, glibc still serves a big block
+    # with mmap and unmaps it on free; M_MMAP_MAX 0 makes it extend the arena instead, which it keeps
+    return all(bool(libc.mallopt(k, v)) for k, v in (
+        (_M_MMAP_THRESHOLD, 2**31 - 1), (_M_TRIM_THRESHOLD, 2**30), (_M_MMAP_MAX, 0)))
 
 
 # ----------------------------------------------------------------------------- efficiency
