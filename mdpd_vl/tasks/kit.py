@@ -166,7 +166,8 @@ def keep_freed_memory() -> bool:
     getrusage; tasks/itr.md). Raising the mmap and trim thresholds and setting M_MMAP_MAX to 0 (mallopt) serves those
     blocks from the heap, where the next step reuses them. The process keeps up to its peak (it would
     reach it anyway). No-op where the C library is not glibc, or when the user set
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves. Returns whether it applied."""
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ themselves. Best effort: where glibc cannot grow the heap in place it may still mmap a block. Returns whether it
+    applied."""
     if not sys.platform.startswith("linux") or any(k in os.environ for k in (
             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
