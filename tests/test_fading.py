@@ -14,6 +14,7 @@ import yaml
 
 from mdpd_vl.errors import UserError
 from mdpd_vl.tasks import fading
+from mdpd_vl.tasks import fading_latency as latency
 from mdpd_vl.tasks import fading_report as rep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,17 @@ def test_shipped_rows_file_resolves_every_row() -> None:
     assert fr.protocol == "configs/itr/research.yaml" and fr.seeds == [0, 1, 2]
     first = (ROOT / "configs/itr/frontier.yaml").read_text().splitlines()[0]
     assert first == "# python -m mdpd_vl.tasks.fading --rows configs/itr/frontier.yaml"
+
+
+def test_cost_cut_rows_share_the_default_row_with_the_frontier() -> None:
+    # issue 17's accuracy checks: the same protocol and output folder as the frontier, so the mdpd_head
+    # runs are shared (same command -> same run folder, run once), and each cut differs by one setting
+    cuts, frontier = (fading.load_frontier(ROOT / f"configs/itr/{n}.yaml") for n in ("cost_cuts", "frontier"))
+    assert cuts.protocol == frontier.protocol and cuts.output_dir == frontier.output_dir and cuts.seeds == [0, 1, 2]
+    assert cuts.row("mdpd_head").overrides == frontier.row("mdpd_head").overrides and cuts.reference == "mdpd_head"
+    base = set(cuts.row("mdpd_head").overrides)
+    for row in cuts.rows[1:]:
+        assert len(set(row.overrides) - base) == 1 and base <= set(row.overrides), row.name
 
 
 @pytest.mark.parametrize("change,field", [
@@ -207,3 +219,20 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     assert "| mdpd_lowrank_ckpt | mdpd | lowrank +ckpt every_2, W_B reads last_2 | 1 |" in text
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 2
+
+    # --retime: every finished export against its bare backbones, one process, and the card reads it
+    retimed = subprocess.run([*cmd, "--retime"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert retimed.returncode == 0, retimed.stdout + retimed.stderr
+    assert "done already" not in retimed.stdout and retimed.stdout.count("deployed / bare") == 2
+    for name in ("linear", "mdpd_lowrank_ckpt"):
+        rec = latency.load_latency(fading.run_dir(fr, "research", name, 0))
+        assert rec is not None and rec["rounds"] >= 1 and rec["ratio"] > 0 and rec["bare_s"] > 0
+    linear_ratio = latency.load_latency(fading.run_dir(fr, "research", "linear", 0))["ratio"]
+    assert fading.collect(fr, "research", ["linear"], [0])["linear"]["latency"][0] == pytest.approx(linear_ratio)
+
+
+def test_paired_ratio_reads_the_slower_callable() -> None:
+    import time
+
+    out = latency.paired_ratio(lambda: time.sleep(0.02), lambda: time.sleep(0.01), rounds=3)
+    assert 1.5 < out["ratio"] < 2.6 and out["deployed_s"] > out["bare_s"]

@@ -29,6 +29,7 @@ import yaml
 
 from mdpd_vl.engine.config import load_config
 from mdpd_vl.errors import UserError, cli_entry
+from mdpd_vl.tasks import fading_latency as latency
 from mdpd_vl.tasks import fading_report as report
 
 ITR = "mdpd_vl.tasks.itr"
@@ -234,17 +235,33 @@ def execute(fr: Frontier, kind: str, rows: list[Row], seeds: list[int], data_roo
     return failed
 
 
+def retime_all(fr: Frontier, rows: list[Row], seeds: list[int] | None) -> None:
+    """`latency.json` for every finished run of the selection (research, and full for the ranking rows)."""
+    for kind, picked, kind_seeds in (("research", rows, seeds or fr.seeds),
+                                     ("full", [r for r in rows if r.name in fr.ranking], seeds or fr.full_seeds)):
+        # one seed per row is enough: the seeds deploy one architecture
+        for row in picked:
+            done = [s for s in kind_seeds if finished(run_dir(fr, kind, row.name, s), run_argv(fr, kind, row, s))]
+            if done:  # the first finished seed
+                rec = latency.retime(run_dir(fr, kind, row.name, done[0]))
+                print(f"{kind} {row.name} seed {done[0]}: deployed / bare {rec['ratio']:.3f} "
+                      f"({rec['deployed_s'] * 1e3:.1f} / {rec['bare_s'] * 1e3:.1f} ms, {rec['rounds']} rounds)")
+
+
 # ----------------------------------------------------------------------------- report
 def collect(fr: Frontier, kind: str, names: list[str], seeds: list[int]) -> dict[str, dict[str, Any]]:
     """Each row's summary over its finished seeds (a results.json of another command does not count)."""
     out = {}
     for name in names:
         row = fr.row(name)
-        runs = []
+        runs, retimed = [], None
         for seed in seeds:
             folder = run_dir(fr, kind, name, seed)
             if finished(folder, run_argv(fr, kind, row, seed)):
                 runs.append(report.load(folder))
+                retimed = retimed or latency.load_latency(folder)
+        if retimed:  # every seed deploys the same architecture: one re-timed seed stands for the row
+            runs = [{**r, "latency_retimed": retimed} for r in runs]
         shown = command(run_argv(fr, kind, row, "SEEDVAR")).replace("SEEDVAR", "$S")  # quoted, then the variable
         out[name] = report.summarise(name, runs, shown, row.note, resolved(fr, kind, row))  # type: ignore[arg-type]
     return out
@@ -279,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="also run the ranking rows under the full protocol")
     p.add_argument("--report-only", action="store_true", help="train nothing: write the card and chart")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do")
+    p.add_argument("--retime", action="store_true",
+                   help="train nothing: re-time every finished run's export against its bare backbones (paired "
+                        "rounds, one process; run on a quiet machine), then write the card")
     p.add_argument("--data-root", help="passed to every run")
     p.add_argument("--output-dir", help="instead of the file's output_dir")
     p.add_argument("--card", help="instead of the file's card")
@@ -314,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.full and fr.full_config is None:
         raise UserError("the rows file has no full_protocol", where="--full")
     failed: list[str] = []
-    if not args.report_only:
+    if args.retime:
+        retime_all(fr, rows, seeds)
+    elif not args.report_only:
         failed += execute(fr, "research", rows, seeds or fr.seeds, args.data_root, args.dry_run)
         if args.full:
             ranked = [r for r in rows if r.name in fr.ranking]
