@@ -172,8 +172,14 @@ def test_report_on_synthetic_results(tmp_path: Path) -> None:
     assert "Our words." in text and text.count(rep.BEGIN) == 1
     assert "a different order" in text and "Kendall tau = 0.200" in text
     assert "**missed**; best within the memory and latency bounds: `mdpd_lowrank_ckpt`" in text
-    assert "Best deployed Rsum at any memory below `lora`'s: `mdpd_lowrank_ckpt`" not in text  # norms_all wins
-    assert "Best deployed Rsum at any memory below `lora`'s: `mdpd_norms_all`" in text
+    bare, anyhow = ("Best deployed Rsum at any memory below `lora`'s, deployed at the bare backbones' cost: ",
+                    "Best deployed Rsum at any memory below `lora`'s, at any inference cost: ")
+    assert bare + "`mdpd_norms_all`" in text and anyhow + "`mdpd_norms_all`" in text  # norms_all wins both
+    # unipt keeps its side network (1.667 x bare): it can win the second line only
+    for seed in (0, 1, 2):
+        fake_results(fr, "research", "unipt", seed, rsum=900.0, peak_gib=0.2, qps=60.0)
+    text = fading.write_report(fr).read_text()
+    assert bare + "`mdpd_norms_all`" in text and anyhow + "`unipt`" in text and "latency 1.667 x bare" in text
 
 
 def test_report_without_runs_lists_every_command(tmp_path: Path) -> None:

@@ -147,10 +147,13 @@ def target(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | Non
                                       if best else "; no MDPD row within the memory and latency bounds.")]
     below = [r for r in rows if r["name"] != reference["name"] and r["rsum"] and r["peak_gib"]
              and r["peak_gib"][0] < ref_mem]
-    if below:
-        best = max(below, key=lambda r: r["rsum"][0])
-        out.append(f"Best deployed Rsum at any memory below `{reference['name']}`'s: `{best['name']}`, "
-                   f"{_pm(best['rsum'])} at {best['peak_gib'][0]:.3f} GiB.")
+    for kind, pool in (("deployed at the bare backbones' cost", [r for r in below if bare_cost(r)]),
+                       ("at any inference cost", below)):
+        if pool:
+            best = max(pool, key=lambda r: r["rsum"][0])
+            lat = f", latency {best['latency'][0]:.3f} x bare" if best["latency"] else ""
+            out.append(f"Best deployed Rsum at any memory below `{reference['name']}`'s, {kind}: `{best['name']}`, "
+                       f"{_pm(best['rsum'])} at {best['peak_gib'][0]:.3f} GiB{lat}.")
     return out
 
 
