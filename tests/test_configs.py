@@ -11,7 +11,7 @@ from mdpd_vl.tasks.vtr import VTRTaskConfig
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"itr": ITRConfig, "vtr": VTRTaskConfig}
 PROTOCOLS = {"research.yaml"}  # protocol files of a study (not named <dataset>_<method>)
-ROWS = {"frontier.yaml"}  # rows files of python -m mdpd_vl.tasks.fading (tests/test_fading.py loads them)
+ROWS = {"frontier.yaml", "cost_cuts.yaml"}  # rows files of python -m mdpd_vl.tasks.fading (tests/test_fading.py loads them)
 # configs/vqa and configs/vg have their own tests (tests/test_vqa_configs.py, tests/test_vg_configs.py)
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.name not in ROWS and p.parent.name in RECIPES)
 VARIANTS = {  # name suffix -> what the config must then say
