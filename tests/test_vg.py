@@ -49,6 +49,8 @@ def test_default_mdpd_run_writes_every_output(mdpd_run, root, capsys):
     for metrics in (r["metrics"], r["metrics_side_kept"]):
         for split in ("val", "testA", "testB"):
             assert 0 <= metrics[f"{split}_giou"] <= metrics[f"{split}_iou"] <= 100  # GIoU <= IoU
+            # MDETR's P@k (GIoU) ranks every query: the answer is the top one, so P@1 <= P@5 <= P@10
+            assert metrics[f"{split}_giou"] <= metrics[f"{split}_p_at_5"] <= metrics[f"{split}_p_at_10"] <= 100
         assert metrics["precision"] == metrics["val_iou"]
     eff = r["efficiency"]
     assert eff["latency_ms"] > 0 and eff["latency_ms_bare"] > 0 and eff["latency_ms_side_kept"] > 0

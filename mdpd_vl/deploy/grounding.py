@@ -49,6 +49,17 @@ class Grounder(nn.Module):
         out = self(images, text)
         return top_box(out, sizes.to(out.boxes.device))
 
+    @torch.no_grad()
+    def ground_all(self, images: Any, text: Any, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """Every query's box in pixels (`B x Q x 4` `xyxy`) and score (`B x Q`): MDETR's P@k ranks them."""
+        from torchvision.ops import box_convert
+
+        self.eval()
+        out = self(images, text)
+        h, w = sizes.to(out.boxes).unbind(-1)
+        scale = torch.stack([w, h, w, h], dim=-1).unsqueeze(1)
+        return box_convert(out.boxes, "cxcywh", "xyxy") * scale, out.scores()
+
 
 def image_grid(backbone: Any, tokens: Tensor) -> tuple[int, int]:
     """The spatial grid of the image tower's output tokens (the last layer's layout)."""

@@ -23,7 +23,7 @@ from mdpd_vl.cards import markdown_table
 from mdpd_vl.data.datasets import GroundingDataset, read_image
 from mdpd_vl.data.transforms import GroundingTransform, grounding_transform
 from mdpd_vl.deploy.grounding import ReferringGrounder
-from mdpd_vl.eval.grounding import draw_examples, grounding_report
+from mdpd_vl.eval.grounding import draw_examples, grounding_report, precision_at_k
 from mdpd_vl.tasks import common, kit
 from mdpd_vl.tasks.vg_model import GroundingCollator, GroundingModel, special_token_ids
 
@@ -255,23 +255,42 @@ def grounder(model: GroundingModel, data: GroundingData, side_kept: bool = False
 
 
 @torch.no_grad()
-def predict(g: ReferringGrounder, split: EvalSplit) -> Tensor:
-    """`N x 4` pixel boxes of the split's expressions: from its frozen features, else from its files."""
+def predict(g: ReferringGrounder, split: EvalSplit) -> tuple[Tensor, Tensor, Tensor]:
+    """The split's expressions from its frozen features (else from its files): the answer (`N x 4` pixel boxes,
+    the top-scoring query's) and every query's pixel boxes (`N x Q x 4`) and scores (`N x Q`)."""
     if split.frozen is None:
-        return g.ground(split.paths, split.sentences).double()
-    return torch.cat([g.model.ground(img, txt, sizes)[0].double().cpu() for img, txt, sizes in split.frozen])
+        batches = ((pixels, text, sizes) for pixels, text, sizes in g.batches(split.paths, split.sentences))
+    else:
+        batches = iter(split.frozen)
+    device = next(g.model.parameters()).device
+    boxes, scores = [], []
+    for img, txt, sizes in batches:
+        if split.frozen is None:
+            img, txt = img.to(device), {k: v.to(device) for k, v in txt.items()}
+        b, sc = g.model.ground_all(img, txt, sizes)
+        boxes.append(b.double().cpu()), scores.append(sc.double().cpu())
+    every, score = torch.cat(boxes), torch.cat(scores)
+    top = every[torch.arange(len(every)), score.argmax(dim=1)]
+    return top, every, score
 
 
 def evaluate(g: ReferringGrounder, data: GroundingData) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """precision@0.5 with IoU and with MDETR's GIoU, and mean IoU, per split (`<split>_iou`, `<split>_giou`,
-    `<split>_miou`); `precision` / `precision_giou` are the first split's (the headline). Also the boxes."""
+    `<split>_miou`), MDETR's P@5 / P@10 over the top-scored queries (`<split>_p_at_<k>`, k <= the queries);
+    `precision` / `precision_giou` are the first split's (the headline). Also the answer boxes."""
     metrics: dict[str, Any] = {}
     preds = {}
     for split in data.evals:
-        preds[split.name] = pred = predict(g, split)
+        pred, every, score = predict(g, split)
+        preds[split.name] = pred
         r = grounding_report(pred, split.gt_xyxy, [split.name] * len(pred))[split.name]
         metrics.update({f"{split.name}_iou": round(r["precision_iou"], 2), f"{split.name}_giou":
                         round(r["precision_giou"], 2), f"{split.name}_miou": round(r["miou"], 2)})
+        # MDETR's RefExpEvaluator P@k (GIoU >= 0.5 among the k top-scored queries): P@k far above P@1 says
+        # the queries find the object and the scores fail to pick it
+        ks = [k for k in (5, 10) if k <= every.shape[1]]
+        at_k = precision_at_k(list(every), list(score), split.gt_xyxy, ks=ks) if ks else {}
+        metrics.update({f"{split.name}_p_at_{k}": round(v, 2) for k, v in at_k.items()})
     first = data.evals[0].name
     return {"precision": metrics[f"{first}_iou"], "precision_giou": metrics[f"{first}_giou"], **metrics}, preds
 
@@ -379,6 +398,9 @@ def metrics_table(results: dict[str, Any]) -> str:
     for name, m, params, qps, ms in deployments:
         row: dict[str, Any] = {"model": name}
         row.update({f"{s} P@0.5 IoU / GIoU": f"{m[f'{s}_iou']} / {m[f'{s}_giou']}" for s in splits})
+        first = splits[0]
+        at_k = [f"{m[f'{first}_p_at_{k}']}" for k in (5, 10) if f"{first}_p_at_{k}" in m]
+        row[f"{first} P@5 / P@10 (MDETR)"] = " / ".join(at_k) or "-"
         rows.append({**row, "infer params (M)": round(params / 1e6, 2), "QPS": qps, "ms / batch": ms or "-"})
     rows.append({"model": "bare model (reference)", "infer params (M)": "-", "QPS": eff.get("infer_qps_bare") or "-",
                  "ms / batch": eff.get("latency_ms_bare") or "-"})
