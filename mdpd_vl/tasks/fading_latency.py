@@ -19,24 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mdpd_vl.engine.config import atomic_write_text
+from mdpd_vl.tasks.itr_eval import _Features  # the run's own bare reference
 
 LATENCY_FILE = "latency.json"
 WORDS = ("small", "big", "red", "blue", "green", "yellow", "circle", "square", "triangle", "star", "left of",
          "above", "the", "a", "and", "next to")
-
-
-class _Features(nn.Module):
-    """A backbone's per-layer features only: what the bare backbone costs."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Any) -> list[torch.Tensor]:
-        return self.backbone.features(x)
 
 
 def synthetic_batch(retriever: Any, n: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
