@@ -47,8 +47,12 @@ def assert_same_step(a: tuple, b: tuple) -> None:
     assert a[0].keys() == b[0].keys() and a[1].keys() == b[1].keys()
     for k in a[0]:
         assert a[0][k] == pytest.approx(b[0][k], rel=1e-5, abs=1e-9), k
+    # float32 rounding is relative to the largest gradients that flow through the shared sums, so a
+    # parameter whose own gradient is ~1e-6 of the step's may differ by ~1e-9 between two exact orders
+    scale = max(g.abs().max().item() for g in b[1].values())
     for n in a[1]:
-        torch.testing.assert_close(a[1][n], b[1][n], rtol=1e-4, atol=1e-9 + 1e-4 * a[1][n].abs().max().item())
+        torch.testing.assert_close(a[1][n], b[1][n], rtol=1e-4,
+                                   atol=1e-6 * scale + 1e-4 * a[1][n].abs().max().item())
 
 
 # ----------------------------------------------------------------------------- exact cuts

@@ -107,12 +107,21 @@ def is_token_layout(specs: list[LayerSpec], tokens: list[Tensor]) -> bool:
     return same_layout(specs) and len({t.shape[1] for t in tokens}) == 1
 
 
+def _confidence_gate(d: int) -> nn.Linear:
+    """The per-source confidence score. One gate serves every source and a softmax over the sources is
+    shift-invariant, so a bias could never get a gradient: it is dropped. It is created and then removed
+    so that the modules built after it draw the same initial weights as before."""
+    gate = nn.Linear(d, 1)
+    gate.bias = None
+    return gate
+
+
 class _Fusion(nn.Module):
     """The shared VSE-infinity fusion: confidence-weighted cross-attention of targets into the anchor."""
 
     def __init__(self, d: int, out_width: int, norm: type[nn.Module]):
         super().__init__()
-        self.gate = nn.Linear(d, 1)
+        self.gate = _confidence_gate(d)
         self.proj = nn.Sequential(nn.Linear(d, d), norm(d))
         self.up = nn.Sequential(nn.ReLU(), nn.Linear(d, out_width))
 
@@ -155,7 +164,7 @@ class UniPT(SideNetwork):
         if cfg.variant == "clip4clip":
             self.down = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(s.width, d)) for s in sources)
             self.anchor_down = nn.Sequential(nn.ReLU(), nn.Linear(deepest, d))
-            self.gate = nn.Linear(d, 1)
+            self.gate = _confidence_gate(d)
             self.up = nn.Sequential(nn.ReLU(), nn.Linear(d, deepest))
             self.out = nn.Identity() if self.out_width == deepest else nn.Linear(deepest, self.out_width)
             self.last_token = cfg.class_token == "last" or (cfg.class_token == "auto" and is_causal(backbone))
