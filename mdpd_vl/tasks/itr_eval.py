@@ -142,17 +142,6 @@ def evaluate(retr: ImageTextRetriever, data: RetrievalData, folds: int = 1) -> d
     return out
 
 
-class _Features(torch.nn.Module):
-    """A backbone's per-layer features only: what the bare backbone costs."""
-
-    def __init__(self, backbone: torch.nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Any) -> list[torch.Tensor]:
-        return self.backbone.features(x)
-
-
 def efficiency(model: DualTowerRetrieval, data: RetrievalData, cfg: ITRConfig, deployed: ImageTextRetriever,
                rounds: int = 3) -> dict[str, Any]:
     """The kit's efficiency block on one live batch of test images and captions (<= 32 pairs)."""
@@ -169,8 +158,8 @@ def efficiency(model: DualTowerRetrieval, data: RetrievalData, cfg: ITRConfig, d
 
     side = model.deployed(side_kept=True) if model.is_mdpd else None
     timed = {"deployed": pair(deployed.image, deployed.text),
-             "bare": pair(_Features(_bare(model.image.backbone, deployed.image)),
-                          _Features(_bare(model.text.backbone, deployed.text))),
+             # a Backbone's forward is its per-layer features: what the bare backbone costs
+             "bare": pair(_bare(model.image.backbone, deployed.image), _bare(model.text.backbone, deployed.text)),
              "side_kept": pair(*side) if side is not None else None}
     step = kit.TrainStep(model, closure, params, (batch["image"], batch["text"]), n)
     return kit.efficiency(

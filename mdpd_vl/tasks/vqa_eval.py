@@ -82,17 +82,6 @@ def predict(answerer: VisualQuestionAnswerer, split: QuestionSplit, task: str, o
 
 
 # ----------------------------------------------------------------------------- efficiency
-class _Features(nn.Module):
-    """The backbone's per-layer features only: what the bare model costs."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Any) -> list[torch.Tensor]:
-        return self.backbone.features(x)
-
-
 def efficiency(model: VQAModel, deployed: VisualQuestionAnswerer, split: QuestionSplit, *, train_batch: int,
                timed_batch: int, rounds: int = 3) -> dict[str, Any]:
     """The kit's efficiency block: the memory of one live training step on `train_batch` eval-split
@@ -113,7 +102,7 @@ def efficiency(model: VQAModel, deployed: VisualQuestionAnswerer, split: Questio
         return lambda: module(timed_x)
 
     side = model.deployed(side_kept=True) if model.is_mdpd else None
-    timed = {"deployed": call(deployed.model), "bare": call(_Features(model.backbone)),
+    timed = {"deployed": call(deployed.model), "bare": call(model.backbone),  # forward = per-layer features
              "side_kept": call(side) if side is not None else None}
     step = kit.TrainStep(model, closure, params, x, n)
     eff = kit.efficiency(step, timed, m, rounds=rounds, trainable_params=model.tuned.trainable_params,

@@ -209,7 +209,7 @@ class VideoTextRetrieval(nn.Module):
 
     def bare(self) -> tuple[nn.Module, nn.Module]:
         """The untuned backbones alone (per-layer features, per frame for video): the QPS reference."""
-        return _BareVideo(self.video.backbone), _BareText(self.text.backbone)
+        return _BareVideo(self.video.backbone), self.text.backbone  # forward = per-layer features
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The towers' named groups prefixed `video.` / `text.`, then `sim` and `logit_scale`."""
@@ -252,13 +252,6 @@ class _BareVideo(nn.Module):
         return self.backbone.features(frames_of(video, frame_mask))
 
 
-class _BareText(nn.Module):
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Any) -> list[Tensor]:
-        return self.backbone.features(x)
 
 
 # ----------------------------------------------------------------------------- building
