@@ -55,7 +55,7 @@ def fake_results(fr: fading.Frontier, kind: str, row: str, seed: int, *, rsum: f
         "efficiency": {"train_peak_bytes": peak_gib * 2**30, "train_state_bytes": 1, "trainable_params": 2e6,
                        "infer_qps": qps, "infer_qps_bare": bare},
         "train_seconds": seconds, "train_steps": steps, "command": fading.command(argv),
-        "config": {"method": {"name": method, "distill": {"backbone_trainable": "lowrank"}}},
+        "config": fading.run_config(fr, kind, fr.row(row), seed),
     }
     (folder / "results.json").write_text(json.dumps(results))
 
@@ -129,6 +129,52 @@ def test_finished_runs_are_skipped_and_stale_ones_rerun(tmp_path: Path, monkeypa
     assert len(calls) == 1 and calls[0][calls[0].index("--output-dir") + 1] == str(stale)
     assert failed == ["linear seed1"] and not (stale / "results.json").exists()  # the stale run was cleared
     assert (fading.run_dir(fr, "research", "linear", 0) / "results.json").exists()
+
+
+def test_records_keep_finished_runs_without_their_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh clone has no run folders: the committed records rebuild the card and skip the runs."""
+    import shutil
+
+    fr = fading.load_frontier(rows_file(tmp_path, seeds=[0, 1]))
+    assert Path(fr.records) == tmp_path / "card" / "records"
+    fake_results(fr, "research", "linear", 0, rsum=300.0, peak_gib=0.01, side=None)
+    fake_results(fr, "research", "linear", 1, rsum=310.0, peak_gib=0.01)
+    (fading.run_dir(fr, "research", "linear", 0) / fading.latency.LATENCY_FILE).write_text(json.dumps({"ratio": 1.01}))
+    before = fading.write_report(fr).read_text()
+    rec = json.loads(fading.record_path(fr, "research", "linear", 0).read_text())
+    assert rec["metrics"] == {"rsum": 300.0} and rec["latency_retimed"] == {"ratio": 1.01}
+    assert set(rec["efficiency"]) <= set(fading.RECORD_EFFICIENCY) and "export_dir" not in rec
+    shutil.rmtree(tmp_path / "runs")
+    after = fading.write_report(fr).read_text()
+    assert after == before and "| linear | linear | - | 2 | 305.0 ± 7.1 |" in after and "1.010 (bare)" in after
+    monkeypatch.setattr(fading.subprocess, "run", lambda *a, **k: pytest.fail("a recorded run was rerun"))
+    assert fading.execute(fr, "research", [fr.row("linear")], [0, 1], None) == []
+    # a record written by another command (the row's overrides changed since) does not count
+    path = fading.record_path(fr, "research", "linear", 1)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "command": "python -m mdpd_vl.tasks.itr --set x=1"}))
+    assert "| linear | linear | - | 1 | 300.0 ± 0.0 |" in fading.write_report(fr).read_text()
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="unreadable record"):
+        fading.write_report(fr)
+
+
+def test_a_protocol_edit_makes_runs_and_records_stale(tmp_path: Path) -> None:
+    """The command of a run does not name the protocol file's values: the resolved config must match."""
+    import shutil
+
+    protocol = tmp_path / "research.yaml"
+    shutil.copy(ROOT / "configs/itr/research.yaml", protocol)
+    fr = fading.load_frontier(rows_file(tmp_path, protocol=str(protocol), seeds=[0]))
+    fake_results(fr, "research", "linear", 0, rsum=300.0, peak_gib=0.01)
+    assert fading.finished(fr, "research", fr.row("linear"), 0)
+    assert fading.load_record(fr, "research", fr.row("linear"), 0) is not None
+    # another data root or output folder is the same run
+    moved = json.loads(fading.record_path(fr, "research", "linear", 0).read_text())
+    assert "root" not in moved["config"]["data"] and "output_dir" not in moved["config"]
+    protocol.write_text(protocol.read_text().replace("  lr: 0.0005", "  lr: 0.001"))
+    assert not fading.finished(fr, "research", fr.row("linear"), 0)
+    shutil.rmtree(tmp_path / "runs")
+    assert fading.load_record(fr, "research", fr.row("linear"), 0) is None
 
 
 # ----------------------------------------------------------------------------- the report

@@ -3,7 +3,9 @@
 Runs every row of a rows file (a name + `--set` overrides of the ITR recipe) for every seed under the
 research protocol (`protocol:`, e.g. configs/itr/research.yaml), each as its own
 `python -m mdpd_vl.tasks.itr` process in `<output_dir>/research/<row>/seed<S>`, skipping runs whose
-`results.json` holds the same command; then writes the card (`card:`, tasks/fading.md: the table with
+`results.json` holds the same command, and keeps a compact record of every finished run (`records:`,
+tasks/fading/records/<research|full>/<row>/seed<S>.json: what the report reads, committed with the card,
+so a fresh clone rebuilds the card and skips the runs it holds); then writes the card (`card:`, tasks/fading.md: the table with
 every command, mean +- spread over seeds, the target check and the ranking check) and the chart
 (`chart:`). `--full` also runs the `ranking:` rows under `full_protocol:` (the protocol of
 tasks/itr.md) into `<output_dir>/full/`, so that the research protocol's ranking can be checked
@@ -15,6 +17,7 @@ Run one at a time on a quiet machine: the rows record step times.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -27,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from mdpd_vl.engine.config import load_config
+from mdpd_vl.engine.config import atomic_write_text, load_config
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.tasks import fading_latency as latency
 from mdpd_vl.tasks import fading_report as report
@@ -61,6 +64,12 @@ class Frontier:
     full_config: str | None = None
     full_overrides: list[str] = field(default_factory=list)
     full_seeds: list[int] = field(default_factory=lambda: [0])
+    records: str = ""  # "" = <card's folder>/<card's stem>/records
+
+    def __post_init__(self) -> None:
+        if not self.records:
+            card = Path(self.card)
+            self.records = str(card.parent / card.stem / "records")
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -92,21 +101,22 @@ def load_frontier(path: str | Path) -> Frontier:
         raise UserError(f"cannot read the rows file ({err.strerror})", where=where) from None
     except yaml.YAMLError as err:
         raise UserError(f"not valid YAML ({str(err).splitlines()[0]})", where=where) from None
-    known = {"protocol", "seeds", "output_dir", "card", "chart", "reference", "ranking", "full_protocol",
-             "full_seeds", "rows"}
+    known = {"protocol", "seeds", "output_dir", "card", "chart", "records", "reference", "ranking",
+             "full_protocol", "full_seeds", "rows"}
     if not isinstance(data, dict):
         raise UserError("must be a mapping with protocol and rows", where=where)
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}", where=where)
-    for key in ("protocol", "output_dir", "card", "chart"):
+    for key in ("protocol", "output_dir", "card", "chart", "records"):
         if key in data and not isinstance(data[key], str):
             raise UserError("must be a path", where=where, field=key)
     if "protocol" not in data:
         raise UserError("missing: the ITR config every row starts from", where=where, field="protocol")
     rows = _rows(data.get("rows"), where)
     names = [r.name for r in rows]
-    fr = Frontier(path, data["protocol"], rows, **{k: data[k] for k in ("output_dir", "card", "chart") if k in data})
+    fr = Frontier(path, data["protocol"], rows,
+                  **{k: data[k] for k in ("output_dir", "card", "chart", "records") if k in data})
     if "seeds" in data:
         fr.seeds = _ints(data["seeds"], where, "seeds")
     if "full_seeds" in data:
@@ -196,13 +206,99 @@ def _without_data_root(cmd: str) -> list[str]:
     return words
 
 
-def finished(folder: Path, argv: list[str]) -> bool:
-    """A results.json written by this very command (the data root aside) is a finished run."""
+def run_config(fr: Frontier, kind: str, row: Row, seed: int) -> dict[str, Any]:
+    """The ITR config one run resolves to (its argv's overrides in order), as a dict."""
+    from mdpd_vl.engine.config import dump_config
+    from mdpd_vl.tasks.itr import ITRConfig
+
+    argv = run_argv(fr, kind, row, seed)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return dump_config(load_config(ITRConfig, argv[argv.index("--config") + 1], sets))
+
+
+# where a run may differ from another machine's run of the same row without being another run
+UNCOMPARED = (("output_dir",), ("data", "root"), ("data", "cache_dir"))
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(config))
+    for path in UNCOMPARED:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) or {}
+        node.pop(path[-1], None)
+    return out
+
+
+def same_run(done: dict[str, Any] | None, fr: Frontier, kind: str, row: Row, seed: int) -> bool:
+    """`done` (a results.json or a record) was written by this row's run: the same command (the data root
+    aside) and, where it holds its config, the same resolved config, so that an edit of the protocol file
+    or of a default makes the run stale even though its command reads the same."""
+    if done is None or (_without_data_root(str(done.get("command", "")))
+                        != _without_data_root(command(run_argv(fr, kind, row, seed)))):
+        return False
+    held = done.get("config")
+    if not isinstance(held, dict):
+        return True
+    want = _comparable(run_config(fr, kind, row, seed))
+    return all(want.get(k) == v for k, v in _comparable(held).items())
+
+
+def finished(fr: Frontier, kind: str, row: Row, seed: int) -> bool:
+    """The run folder holds a results.json of this very run (`same_run`)."""
     try:
-        done = report.load(folder)
+        return same_run(report.load(run_dir(fr, kind, row.name, seed)), fr, kind, row, seed)
     except UserError:
         return False
-    return done is not None and _without_data_root(str(done.get("command", ""))) == _without_data_root(command(argv))
+
+
+# what the report reads from a run's results.json: kept in the record, the rest stays in the run folder
+RECORD_KEYS = ("task", "dataset", "method", "backbone", "metrics", "metrics_side_kept", "train_seconds",
+               "train_steps", "command")
+RECORD_EFFICIENCY = ("trainable_params", "inference_params", "train_peak_bytes", "train_state_bytes",
+                     "infer_qps", "infer_qps_bare")
+
+
+def record_path(fr: Frontier, kind: str, row: str, seed: int | str) -> Path:
+    """`<records>/<research|full>/<row>/seed<S>.json`."""
+    return Path(fr.records) / kind / row / f"seed{seed}.json"
+
+
+def compact(results: dict[str, Any], retimed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The part of a run's results.json that the report reads (a few KiB, unlike the run folder with its
+    export and checkpoints), plus the re-timed latency where `--retime` wrote one."""
+    rec = {k: results[k] for k in RECORD_KEYS if k in results}
+    rec["efficiency"] = {k: v for k, v in (results.get("efficiency") or {}).items() if k in RECORD_EFFICIENCY}
+    if isinstance(results.get("config"), dict):
+        rec["config"] = _comparable(results["config"])
+    if retimed:
+        rec["latency_retimed"] = retimed
+    return rec
+
+
+def save_record(fr: Frontier, kind: str, row: Row, seed: int) -> bool:
+    """Refresh the record of a finished run from its folder; False when the folder holds no finished run."""
+    folder = run_dir(fr, kind, row.name, seed)
+    if not finished(fr, kind, row, seed):
+        return False
+    rec = compact(report.load(folder), latency.load_latency(folder))  # type: ignore[arg-type]
+    path = record_path(fr, kind, row.name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    return True
+
+
+def load_record(fr: Frontier, kind: str, row: Row, seed: int) -> dict[str, Any] | None:
+    """A finished run of this row and seed: its folder's results.json (the record refreshed from it), else
+    the committed record where it was written by the same command; None when neither exists."""
+    if save_record(fr, kind, row, seed):
+        return json.loads(record_path(fr, kind, row.name, seed).read_text(encoding="utf-8"))
+    path = record_path(fr, kind, row.name, seed)
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError) as err:
+        raise UserError(f"unreadable record ({err})", where=str(path)) from None
+    return rec if same_run(rec, fr, kind, row, seed) else None
 
 
 def execute(fr: Frontier, kind: str, rows: list[Row], seeds: list[int], data_root: str | None,
@@ -213,8 +309,8 @@ def execute(fr: Frontier, kind: str, rows: list[Row], seeds: list[int], data_roo
     for i, (row, seed) in enumerate(todo, 1):
         folder, argv = run_dir(fr, kind, row.name, seed), run_argv(fr, kind, row, seed, data_root)
         tag = f"[{i}/{len(todo)}] {kind} {row.name} seed {seed}"
-        if finished(folder, argv):
-            print(f"{tag}: done already ({folder}/results.json)")
+        if load_record(fr, kind, row, seed) is not None:
+            print(f"{tag}: done already ({record_path(fr, kind, row.name, seed)})")
             continue
         if dry_run:
             print(f"{tag}: {command(argv)}")
@@ -230,6 +326,7 @@ def execute(fr: Frontier, kind: str, rows: list[Row], seeds: list[int], data_roo
             failed.append(f"{row.name} seed{seed}")
             print(f"{tag}: FAILED (exit {rc}, {seconds:.0f} s): see {folder / 'fading.log'}")
             continue
+        save_record(fr, kind, row, seed)
         rsum = report.load(folder)["metrics"]["rsum"]  # type: ignore[index]
         print(f"{tag}: Rsum {rsum} ({seconds:.0f} s)")
     return failed
@@ -241,11 +338,14 @@ def retime_all(fr: Frontier, rows: list[Row], seeds: list[int] | None) -> None:
                                      ("full", [r for r in rows if r.name in fr.ranking], seeds or fr.full_seeds)):
         # one seed per row is enough: the seeds deploy one architecture
         for row in picked:
-            done = [s for s in kind_seeds if finished(run_dir(fr, kind, row.name, s), run_argv(fr, kind, row, s))]
+            done = [s for s in kind_seeds if finished(fr, kind, row, s)]
             if done:  # the first finished seed
                 rec = latency.retime(run_dir(fr, kind, row.name, done[0]))
+                save_record(fr, kind, row, done[0])
                 print(f"{kind} {row.name} seed {done[0]}: deployed / bare {rec['ratio']:.3f} "
                       f"({rec['deployed_s'] * 1e3:.1f} / {rec['bare_s'] * 1e3:.1f} ms, {rec['rounds']} rounds)")
+            elif any(load_record(fr, kind, row, s) for s in kind_seeds):
+                print(f"{kind} {row.name}: recorded only (no run folder with an export here): not re-timed")
 
 
 # ----------------------------------------------------------------------------- report
@@ -256,10 +356,10 @@ def collect(fr: Frontier, kind: str, names: list[str], seeds: list[int]) -> dict
         row = fr.row(name)
         runs, retimed = [], None
         for seed in seeds:
-            folder = run_dir(fr, kind, name, seed)
-            if finished(folder, run_argv(fr, kind, row, seed)):
-                runs.append(report.load(folder))
-                retimed = retimed or latency.load_latency(folder)
+            rec = load_record(fr, kind, row, seed)
+            if rec is not None:
+                runs.append(rec)
+                retimed = retimed or rec.get("latency_retimed")
         if retimed:  # every seed deploys the same architecture: one re-timed seed stands for the row
             runs = [{**r, "latency_retimed": retimed} for r in runs]
         shown = command(run_argv(fr, kind, row, "SEEDVAR")).replace("SEEDVAR", "$S")  # quoted, then the variable
@@ -283,7 +383,7 @@ def write_report(fr: Frontier) -> Path:
     if any(r["rsum"] and r["peak_gib"] for r in rows):  # no empty chart before the first run
         report.chart(fr.chart, rows, reference)
         link = report.relative_link(fr.chart, fr.card)
-    text = report.block(rows, reference, ranking_lines, link, str(fr.path), fr.protocol, fr.seeds)
+    text = report.block(rows, reference, ranking_lines, link, str(fr.path), fr.protocol, fr.seeds, fr.records)
     return report.update_card(fr.card, text)
 
 
