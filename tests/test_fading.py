@@ -146,7 +146,7 @@ def test_records_keep_finished_runs_without_their_folders(tmp_path: Path, monkey
     assert set(rec["efficiency"]) <= set(fading.RECORD_EFFICIENCY) and "export_dir" not in rec
     shutil.rmtree(tmp_path / "runs")
     after = fading.write_report(fr).read_text()
-    assert after == before and "| linear | linear | - | 2 | 305.0 ± 7.1 |" in after and "1.010 (bare)" in after
+    assert after == before and "| linear | linear | - | 2 | 305.0 ± 7.1 |" in after and "| 1.010 | - | yes |" in after
     monkeypatch.setattr(fading.subprocess, "run", lambda *a, **k: pytest.fail("a recorded run was rerun"))
     assert fading.execute(fr, "research", [fr.row("linear")], [0, 1], None) == []
     # a record written by another command (the row's overrides changed since) does not count
@@ -288,3 +288,18 @@ def test_paired_ratio_reads_the_slower_callable() -> None:
 
     out = latency.paired_ratio(lambda: time.sleep(0.02), lambda: time.sleep(0.01), rounds=3)
     assert 1.5 < out["ratio"] < 2.6 and out["deployed_s"] > out["bare_s"]
+
+
+def test_flops_decide_the_bare_cost_where_counted(tmp_path: Path) -> None:
+    """A timed ratio within 2% but 30% more FLOPs is not the bare cost; the FLOPs are counted exactly."""
+    fr = fading.load_frontier(rows_file(tmp_path, seeds=[0]))
+    fake_results(fr, "research", "linear", 0, rsum=300.0, peak_gib=0.01)
+    (fading.run_dir(fr, "research", "linear", 0) / latency.LATENCY_FILE).write_text(
+        json.dumps({"ratio": 1.01, "flops_ratio": 1.3}))
+    assert "| 1.010 | 1.3000 | no |" in fading.write_report(fr).read_text()
+
+    import torch
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    x = torch.zeros(5, 8)
+    assert latency.count_flops(lambda: lin(x)) == 2 * 5 * 8 * 4  # one multiply-add per weight and row

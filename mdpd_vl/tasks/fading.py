@@ -332,15 +332,17 @@ def execute(fr: Frontier, kind: str, rows: list[Row], seeds: list[int], data_roo
     return failed
 
 
-def retime_all(fr: Frontier, rows: list[Row], seeds: list[int] | None) -> None:
+def retime_all(fr: Frontier, rows: list[Row], seeds: list[int] | None, rounds: int = 9) -> None:
     """`latency.json` for every finished run of the selection (research, and full for the ranking rows)."""
     for kind, picked, kind_seeds in (("research", rows, seeds or fr.seeds),
                                      ("full", [r for r in rows if r.name in fr.ranking], seeds or fr.full_seeds)):
         # one seed per row is enough: the seeds deploy one architecture
         for row in picked:
             done = [s for s in kind_seeds if finished(fr, kind, row, s)]
-            if done:  # the first finished seed
-                rec = latency.retime(run_dir(fr, kind, row.name, done[0]))
+            if done and not (report.load(run_dir(fr, kind, row.name, done[0])) or {}).get("export_dir"):
+                print(f"{kind} {row.name}: the run exported no model (a side-kept method): not re-timed")
+            elif done:  # the first finished seed
+                rec = latency.retime(run_dir(fr, kind, row.name, done[0]), rounds=rounds)
                 save_record(fr, kind, row, done[0])
                 print(f"{kind} {row.name} seed {done[0]}: deployed / bare {rec['ratio']:.3f} "
                       f"({rec['deployed_s'] * 1e3:.1f} / {rec['bare_s'] * 1e3:.1f} ms, {rec['rounds']} rounds)")
@@ -399,6 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retime", action="store_true",
                    help="train nothing: re-time every finished run's export against its bare backbones (paired "
                         "rounds, one process; run on a quiet machine), then write the card")
+    p.add_argument("--rounds", type=int, default=9, help="paired timing rounds per run of --retime (the median "
+                   "ratio's noise falls with more; each round times one batch of 32 both ways)")
     p.add_argument("--data-root", help="passed to every run")
     p.add_argument("--output-dir", help="instead of the file's output_dir")
     p.add_argument("--card", help="instead of the file's card")
@@ -435,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("the rows file has no full_protocol", where="--full")
     failed: list[str] = []
     if args.retime:
-        retime_all(fr, rows, seeds)
+        if args.rounds < 1:
+            raise UserError(f"must be at least 1, got {args.rounds}", where="--rounds")
+        retime_all(fr, rows, seeds, args.rounds)
     elif not args.report_only:
         failed += execute(fr, "research", rows, seeds or fr.seeds, args.data_root, args.dry_run)
         if args.full:

@@ -4,7 +4,9 @@ A run times its deployed towers against the bare backbones inside its own proces
 good enough on an idle machine, but when runs share the CPU the ratio swings by 10-20%, more than the 2% that
 "costs the bare backbone" allows. Re-timing every export afterwards, one after another in one quiet process,
 with paired rounds (deployed, then bare, alternately; the median of the per-round ratios) gives ratios that can
-be compared across rows. The bare reference is what the run's own measurement uses: the export's backbones'
+be compared across rows. Even so, architecturally identical deployments (a linear probe, merged LoRA, merged
+low-rank MDPD: backbone + the same heads) measured 1.004 to 1.043 on the shared 2-core CPU, so the record also
+holds the FLOPs of one batch both ways (`flops_ratio`), which no other job can move. The bare reference is what the run's own measurement uses: the export's backbones'
 per-layer features, without any head or side network. Inputs are the same synthetic batch for both (latency
 does not depend on pixel values); `latency.json` in the run folder records it and the report prefers it.
 """
@@ -54,6 +56,17 @@ def paired_ratio(deployed: Any, bare: Any, rounds: int) -> dict[str, float]:
             "bare_s": round(statistics.median(t_bare), 5)}
 
 
+@torch.no_grad()
+def count_flops(fn: Any) -> int:
+    """Floating-point operations of one call of `fn` (matrix products and convolutions, as torch's flop
+    counter counts them): a cost that, unlike a timing, does not depend on what else the CPU runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def retime(run: str | Path, rounds: int = 9, batch: int = 32) -> dict[str, Any]:
     """Re-time a finished ITR run's export against its bare backbones; writes and returns `latency.json`."""
     from mdpd_vl.export import load_exported
@@ -64,10 +77,18 @@ def retime(run: str | Path, rounds: int = 9, batch: int = 32) -> dict[str, Any]:
     images, texts = synthetic_batch(retriever, batch)
     # a Backbone's forward is its per-layer features: the bare reference the run's own timing uses
     bare_image, bare_text = retriever.image_backbone.eval(), retriever.text_backbone.eval()
-    timing = paired_ratio(lambda: (retriever.image(images), retriever.text(texts)),
-                          lambda: (bare_image(images), bare_text(texts)), rounds)
+    def deployed() -> Any:
+        return retriever.image(images), retriever.text(texts)
+
+    def bare() -> Any:
+        return bare_image(images), bare_text(texts)
+
+    timing = paired_ratio(deployed, bare, rounds)
+    flops_deployed, flops_bare = count_flops(deployed), count_flops(bare)
     record = {**timing, "rounds": rounds, "items": batch, "threads": torch.get_num_threads(),
-              "what": "deployed towers / bare backbones' features, paired rounds, median ratio"}
+              "flops_deployed": flops_deployed, "flops_bare": flops_bare,
+              "flops_ratio": round(flops_deployed / flops_bare, 5) if flops_bare else None,
+              "what": "deployed towers / bare backbones' features, paired rounds, median ratio; FLOPs of one batch"}
     atomic_write_text(run / LATENCY_FILE, json.dumps(record, indent=1) + "\n")
     return record
 
