@@ -226,7 +226,7 @@ def test_describe_objective_states_every_axis() -> None:
     d = DistillConfig(backbone_trainable="lowrank", lowrank_r=4, head_layers="last_2", feature_logits=1e-3,
                       side_warmup_steps=7, checkpointing="every_2")
     text = describe_objective(MethodConfig(distill=d), RetrievalConfig())
-    for words in ("low-rank deltas (rank 4", "merged into the weights", "pooled features of layers last_2",
+    for words in ("low-rank deltas (rank 4", "merged into the weights", "pooled features of the 1 layer(s) before it (head_layers: last_2)",
                   "last-layer feature regression", "first 7 optimiser steps train the side path only",
                   "activation checkpointing (every_2)"):
         assert words in text, words

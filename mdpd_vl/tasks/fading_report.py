@@ -10,7 +10,9 @@ Definitions (every number from a run's results.json):
 - deployed latency / bare: the median paired ratio of `latency.json` where `--retime` wrote one
   (`fading_latency.py`: every export re-timed in one quiet process), else `infer_qps_bare / infer_qps`,
   timed interleaved in the run's own process (`bare` = the untuned backbones' features, so a head's own
-  cost counts against the model).
+  cost counts against the model);
+- FLOPs / bare: `flops_ratio` of `latency.json` (one batch both ways, counted by torch's flop counter);
+  "bare cost" (<= 1.02 x) is judged on it where counted, else on the latency ratio.
 Spread = sample standard deviation over the seeds (0 for one seed).
 """
 
@@ -186,7 +188,7 @@ def ranking(names: Sequence[str], research: Mapping[str, Any], full: Mapping[str
 
 def chart(path: str | Path, rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> None:
     """Deployed Rsum (mean, bar = spread) against peak training memory (log); marker area grows with the
-    step time; filled = deployed latency <= 1.02 x bare, hollow otherwise; MDPD red, baselines blue."""
+    step time; filled = deployed cost <= 1.02 x bare (`bare_cost`), hollow otherwise; MDPD red, baselines blue."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +214,8 @@ def chart(path: str | Path, rows: Sequence[Mapping[str, Any]], reference: Mappin
         ax.set_xscale("log")
     ax.set_xlabel("peak training memory of one step (GiB, log)")
     ax.set_ylabel("deployed Rsum (mean over seeds)")
-    ax.set_title("Fading frontier: filled = deployed latency <= 1.02 x bare; area = step time", fontsize=9)
+    ax.set_title("Fading frontier: filled = deployed cost <= 1.02 x bare (FLOPs where counted, else latency); "
+                 "area = step time", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,10 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
     parts.append("Schedule: " + warmup + ("joint (every loss every step)." if d.schedule == "joint" else
                                           "alternate (even optimiser steps train the side path, odd steps the "
                                           "backbone path)."))
-    reads = ("W_B reads the last layer" if d.head_layers == "last" else
-             f"W_B reads the last layer plus the pooled features of layers {d.head_layers} (head_layers)")
+    hl = d.head_layers
+    which = (f"the {int(hl[5:]) - 1} layer(s) before it" if isinstance(hl, str) and hl.startswith("last_") else
+             "every earlier layer" if hl == "all" else f"layers {hl}")
+    reads = ("W_B reads the last layer" if hl == "last" else
+             f"W_B reads the last layer plus the pooled features of {which} (head_layers: {hl})")
     parts.append(mode + f" Served faded: the backbone + W_B only; {reads}.")
     return " ".join(parts)
