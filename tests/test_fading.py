@@ -171,6 +171,12 @@ def test_a_protocol_edit_makes_runs_and_records_stale(tmp_path: Path) -> None:
     # another data root or output folder is the same run
     moved = json.loads(fading.record_path(fr, "research", "linear", 0).read_text())
     assert "root" not in moved["config"]["data"] and "output_dir" not in moved["config"]
+    # a field the run's config lacks (added since, with its default) does not make it stale
+    results = fading.run_dir(fr, "research", "linear", 0) / "results.json"
+    held = json.loads(results.read_text())
+    del held["config"]["method"]["distill"]["head_layers"]
+    results.write_text(json.dumps(held))
+    assert fading.finished(fr, "research", fr.row("linear"), 0)
     protocol.write_text(protocol.read_text().replace("  lr: 0.0005", "  lr: 0.001"))
     assert not fading.finished(fr, "research", fr.row("linear"), 0)
     shutil.rmtree(tmp_path / "runs")

@@ -240,8 +240,19 @@ def same_run(done: dict[str, Any] | None, fr: Frontier, kind: str, row: Row, see
     held = done.get("config")
     if not isinstance(held, dict):
         return True
-    want = _comparable(run_config(fr, kind, row, seed))
-    return all(want.get(k) == v for k, v in _comparable(held).items())
+    # leaves present in both: a field added since (with its default) or removed does not make a run stale
+    want, have = _leaves(_comparable(run_config(fr, kind, row, seed))), _leaves(_comparable(held))
+    return all(want[k] == v for k, v in have.items() if k in want)
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def finished(fr: Frontier, kind: str, row: Row, seed: int) -> bool:
