@@ -190,12 +190,13 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- resume settings
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys (`train.lr`); empty mappings stay leaves."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten(value, f"{name}."))
         else:
             out[name] = value
     return out
@@ -204,8 +205,8 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def run_settings(cfg: TrainConfig, config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The run's settings as dotted keys (`train.lr`, `method.name`, ...) with JSON-plain values: the
     recipe's config (when given) with the engine's own `TrainConfig` over its `train` section."""
-    flat = _flatten(dict(config or {}))
-    flat.update(_flatten({"train": dump_config(cfg)}))
+    flat = flatten(dict(config or {}))
+    flat.update(flatten({"train": dump_config(cfg)}))
     return json.loads(json.dumps(flat, default=str))
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from mdpd_vl.engine.checkpoint import flatten
 from mdpd_vl.engine.config import atomic_write_text, load_config
 from mdpd_vl.errors import UserError, cli_entry
 from mdpd_vl.tasks import fading_latency as latency
@@ -241,18 +242,9 @@ def same_run(done: dict[str, Any] | None, fr: Frontier, kind: str, row: Row, see
     if not isinstance(held, dict):
         return True
     # leaves present in both: a field added since (with its default) or removed does not make a run stale
-    want, have = _leaves(_comparable(run_config(fr, kind, row, seed))), _leaves(_comparable(held))
+    want, have = flatten(_comparable(run_config(fr, kind, row, seed))), flatten(_comparable(held))
     return all(want[k] == v for k, v in have.items() if k in want)
 
-
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def finished(fr: Frontier, kind: str, row: Row, seed: int) -> bool:
