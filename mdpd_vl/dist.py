@@ -57,6 +57,9 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
+EXIT_WAIT_S = 60.0  # how long a finished process waits for its peers at exit
+
+
 def _initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -100,6 +103,12 @@ def _close() -> None:
     """Leave the process group at exit, as torch asks: a process that just exits while a peer still
     reads its last message can make the peer's gloo transport abort."""
     if _initialized():
+        with contextlib.suppress(Exception):
+            # every process reaches this point before any tears its transport down; a peer that
+            # died does not hold the others longer than EXIT_WAIT_S
+            if _state["control"] is not None and _state["section"] is None:
+                torch.distributed.monitored_barrier(group=_state["control"],
+                                                    timeout=timedelta(seconds=EXIT_WAIT_S))
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
 
