@@ -309,3 +309,28 @@ def test_each_task_alone_gives_the_indexes_of_a_whole_world_build(world, tmp_pat
         assert mine and all(k.startswith(f"{folder}/") for k in mine), task  # this task's indexes only
         assert mine == {k: v for k, v in whole.items() if k.startswith(f"{folder}/")}, task
         assert _digest(solo / W.RAW_DIR / task, "*.*") == _digest(root / W.RAW_DIR / task, "*.*"), task
+
+
+def test_a_task_version_bump_rebuilds_that_task_only(tmp_path, monkeypatch):
+    root = tmp_path / "w"
+    W.build_shapes(root, "tiny", 0, progress=False, tasks=["itr", "gqa"])
+    itr_times = {p: p.stat().st_mtime_ns for p in (root / "itr").glob("*.index.json")}
+    gqa_times = {p: p.stat().st_mtime_ns for p in (root / W.TASK_DIRS["gqa"]).glob("*.index.json")}
+    assert W.build_shapes(root, "tiny", 0, progress=False, tasks=["itr", "gqa"]).up_to_date
+    monkeypatch.setitem(W.TASK_VERSIONS, "gqa", W.TASK_VERSIONS.get("gqa", 1) + 1)
+    assert W._current(root, "tiny", 0, ["itr"]) is not None and W._current(root, "tiny", 0, ["gqa"]) is None
+    report = W.build_shapes(root, "tiny", 0, progress=False, tasks=["itr", "gqa"])
+    assert not report.up_to_date and sorted(report.tasks) == ["gqa", "itr"]
+    assert itr_times == {p: p.stat().st_mtime_ns for p in (root / "itr").glob("*.index.json")}  # kept
+    assert gqa_times != {p: p.stat().st_mtime_ns for p in (root / W.TASK_DIRS["gqa"]).glob("*.index.json")}
+    marker = json.loads((root / W.MARKER).read_text())
+    assert marker["task_versions"]["gqa"] == W.TASK_VERSIONS["gqa"]
+    assert W.build_shapes(root, "tiny", 0, progress=False, tasks=["itr", "gqa"]).up_to_date
+
+
+def test_the_large_scale_is_the_default_with_more_grounding_images():
+    import dataclasses
+
+    large, default = W.SCALES["large"], W.SCALES["default"]
+    assert dataclasses.replace(large, refcoco=default.refcoco) == default  # every other task as default
+    assert large.refcoco[0] > default.refcoco[0] and large.refcoco[1:] == default.refcoco[1:]  # same eval sizes

@@ -46,6 +46,9 @@ from mdpd_vl.data.shapes_text import (
 from mdpd_vl.errors import UserError
 
 GENERATOR_VERSION = 1
+# Bumped when one task's generator or its size at a scale changes: only that task is rebuilt in an
+# existing world (the others keep their files). A task not named here is at version 1.
+TASK_VERSIONS: dict[str, int] = {}
 MARKER = "shapes_world.json"  # the build report; its presence marks a complete build
 STAMP = "SHAPES_WORLD.txt"  # inside raw/: only folders carrying it are ever deleted
 RAW_DIR = "raw"
@@ -86,6 +89,10 @@ SCALES: dict[str, Scale] = {
                   refcoco=(8, 3, 3, 3), msrvtt_captions=5, msvd_captions=(2, 6)),
     "default": Scale(itr=(1000, 100, 200), msrvtt=(100, 20), msvd=(70, 10, 20), vqa=(400, 100),
                      gqa=(300, 60, 60), refcoco=(300, 40, 40, 40)),
+    # default, with a RefCOCO training split of 2,000 images (11,235 expressions) instead of 300: the probe of
+    # tasks/vg.md of whether the grounding head generalises from more data; every other task as default
+    "large": Scale(itr=(1000, 100, 200), msrvtt=(100, 20), msvd=(70, 10, 20), vqa=(400, 100),
+                   gqa=(300, 60, 60), refcoco=(2000, 40, 40, 40)),
 }
 
 
@@ -103,6 +110,7 @@ class ShapesReport:
     seconds: float = 0.0
     up_to_date: bool = False
     tasks: list[str] = field(default_factory=list)  # the tasks whose raw files and indexes are complete
+    task_versions: dict[str, int] = field(default_factory=dict)  # TASK_VERSIONS of the built tasks
 
 
 def _rng(seed: int, task: str) -> np.random.Generator:
@@ -287,8 +295,9 @@ def _stored(root: Path, scale: str, seed: int) -> ShapesReport | None:
     report = ShapesReport(**{k: v for k, v in data.items() if k in known})
     if "tasks" not in data:  # written before per-task builds: every task was built at once
         report.tasks = list(TASK_DIRS)
-    # a task counts as built only while its indexes are there
-    report.tasks = [t for t in report.tasks if t in TASK_DIRS and any((root / TASK_DIRS[t]).glob("*.index.json"))]
+    # a task counts as built only while its indexes are there and its generator is this one
+    report.tasks = [t for t in report.tasks if t in TASK_DIRS and any((root / TASK_DIRS[t]).glob("*.index.json"))
+                    and report.task_versions.get(t, 1) == TASK_VERSIONS.get(t, 1)]
     return report
 
 
@@ -348,6 +357,7 @@ def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, for
     report = ShapesReport(root=str(root.resolve()), scale=scale, seed=seed, task_dirs=dict(TASK_DIRS))
     if stored is not None:  # keep what the other tasks built (their folders stay valid)
         report.counts, report.ambiguous, report.seconds = stored.counts, stored.ambiguous, stored.seconds
+        report.task_versions = {t: v for t, v in stored.task_versions.items() if t in stored.tasks}
         report.tasks = [t for t in stored.tasks if t not in todo]
     raw.mkdir(parents=True, exist_ok=True)
     write_text(raw / STAMP, f"mdpd_vl synthetic shapes world v{GENERATOR_VERSION}, scale {scale}, seed {seed}\n")
@@ -357,6 +367,7 @@ def build_shapes(root: Path | str, scale: str = "default", seed: int = 0, *, for
     for task in todo:
         _build_task(task, raw, root, SCALES[scale], seed, report, bar)
         report.tasks.append(task)
+        report.task_versions[task] = TASK_VERSIONS.get(task, 1)
         report.seconds = round(report.seconds + time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
         write_text(root / MARKER, json.dumps(asdict(report), indent=1))  # after each task: finished ones stay

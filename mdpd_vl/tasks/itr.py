@@ -59,7 +59,7 @@ class DataConfig:
     folds: int = field(default=1, metadata={"help": "COCO 1K protocol: 5 contiguous folds, averaged"})
     image_size: int | None = field(default=128, metadata={"help": "input side in pixels; null = backbone's own"})
     max_text_len: int = field(default=32, metadata={"help": "caption tokens kept"})
-    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default"})
+    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default | large"})
     shapes_seed: int = field(default=0, metadata={"help": "seed of the shapes world"})
     max_train_pairs: int | None = field(default=None, metadata={"help": "train on the first N pairs only"})
     cache_features: bool = field(

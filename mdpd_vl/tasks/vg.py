@@ -72,7 +72,7 @@ class DataConfig:
     image_size: int = field(default=128, metadata={"help": "input side in pixels (resized without cropping)"})
     crop_prob: float = field(default=0.0, metadata={"help": "training: MDETR's box-respecting random crop rate"})
     max_text_len: int = field(default=24, metadata={"help": "expression tokens kept (special tokens included)"})
-    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default"})
+    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default | large"})
     shapes_seed: int = field(default=0, metadata={"help": "seed of the shapes world"})
     max_train_expressions: int | None = field(default=None, metadata={"help": "train on the first N only"})
     cache_features: bool = field(

@@ -76,7 +76,7 @@ class DataConfig:
                                           "real data, the training answers for shapes) or a JSON file"})
     image_size: int | None = field(default=128, metadata={"help": "input side in pixels; null = backbone's own"})
     max_question_len: int = field(default=20, metadata={"help": "question tokens kept ([CLS], [SEP] included)"})
-    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default"})
+    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default | large"})
     shapes_seed: int = field(default=0, metadata={"help": "seed of the shapes world"})
     max_train_questions: int | None = field(default=None, metadata={"help": "train on the first N questions only"})
     cache_grids: bool = field(

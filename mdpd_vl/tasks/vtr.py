@@ -55,7 +55,7 @@ class DataConfig:
     shapes_protocol: str = field(
         default="msrvtt", metadata={"help": "shapes videos in MSR-VTT's layout (one test sentence per video) or "
                                             "MSVD's (multi-sentence test): msrvtt | msvd"})
-    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default"})
+    shapes_scale: str = field(default="default", metadata={"help": "shapes world size: tiny | default | large"})
     shapes_seed: int = field(default=0, metadata={"help": "seed of the shapes world"})
     train_split: str = field(default="train", metadata={"help": "index split to train on (MSR-VTT: the 9k)"})
     eval_split: str = field(default="test", metadata={"help": "index split to evaluate (MSR-VTT: JSFUSION 1k-A)"})
