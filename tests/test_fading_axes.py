@@ -251,3 +251,61 @@ def test_clone_of_a_checkpointed_backbone_runs_its_own_weights(family: str) -> N
     x = make_input(backbone)
     dup.features(x)[-1].sum().backward()  # the copy's own checkpointed blocks run and recompute
     assert all(p.grad is None for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("kind", ["vse", "gap"])
+def test_folded_multi_layer_head_is_the_same_function(kind: str) -> None:
+    from mdpd_vl.heads.gpo import VSEHead
+    from mdpd_vl.heads.pooling import GAPLinear
+
+    torch.manual_seed(0)
+    widths, embed = [24, 40, 48], 16
+    inner = VSEHead(48, embed, token_drop=0.0) if kind == "vse" else GAPLinear(48, embed)
+    head = LayerPoolHead(inner, [0, 1], widths[:2], widths[-1])
+    with torch.no_grad():
+        head.mix.weight.normal_(), head.mix.bias.normal_()  # a trained W, not the zero start
+    head.eval()
+    feats = [torch.randn(3, 7, w) for w in widths]
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])  # padded text
+    folded = head.folded()
+    assert folded is not head and folded.after and not folded.training
+    assert folded.mix.out_features == embed < head.mix.out_features  # the cheaper map
+    with torch.no_grad():
+        want = head(feats, mask)
+        assert (folded(feats, mask) - want).abs().max() < 1e-4 * want.abs().max()
+    assert folded.folded() is folded
+
+
+def test_a_head_that_cannot_fold_or_gains_nothing_stays_as_it_is() -> None:
+    from mdpd_vl.heads.gpo import VSEHead
+
+    with_mlp = LayerPoolHead(VSEHead(48, 16, mlp=True), [0], [24], 48)  # the MLP branch is not affine
+    wider = LayerPoolHead(VSEHead(48, 64), [0], [24], 48)  # mapping to 64 instead of 48 costs more
+    assert with_mlp.folded() is with_mlp and wider.folded() is wider
+
+
+# ----------------------------------------------------------------------------- per-tower head_layers
+def test_head_layers_per_tower_resolves_for_each_tower() -> None:
+    cfg = DistillConfig(head_layers={"text": "last_3"})
+    towers = ("image", "text")
+    assert cfg.for_tower("text", towers).head_layers == "last_3"
+    assert cfg.for_tower("image", towers).head_layers == "last"  # a tower not named reads the last layer
+    assert DistillConfig(head_layers="all").for_tower("image", towers).head_layers == "all"
+    with pytest.raises(UserError, match="head_layers.*video"):
+        DistillConfig(head_layers={"video": "last_2"}).for_tower("image", towers)
+    with pytest.raises(UserError, match="head_layers.*'text'"):
+        DistillConfig(head_layers={"text": "first"})
+    with pytest.raises(UserError, match="head_layers.*named towers"):
+        cfg.head_layer_indices(6)  # a task without towers cannot use it
+
+
+def test_itr_builds_each_tower_with_its_own_head_layers() -> None:
+    from mdpd_vl.engine.config import load_config
+    from mdpd_vl.tasks.itr import ITRConfig, build_model
+
+    cfg = load_config(ITRConfig, None, ["method.distill.head_layers={text: last_3}", "data.shapes_scale=tiny"])
+    model = build_model(cfg)
+    image_head, text_head = model.image.core.head_backbone, model.text.core.head_backbone
+    assert not isinstance(image_head, LayerPoolHead)
+    n = model.text.core.backbone.num_layers
+    assert isinstance(text_head, LayerPoolHead) and text_head.layers == [n - 3, n - 2]

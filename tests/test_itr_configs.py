@@ -39,12 +39,25 @@ def test_every_shipped_file_spells_every_field() -> None:
 
 @pytest.mark.parametrize("dataset", ["shapes", *DATASET_PRESETS])
 def test_mdpd_defaults_are_the_frontiers_pick(dataset: str) -> None:
-    """Deployed W_B reads pooled features of the last layers besides the last one (the frontier's
-    measured pick: the paper's head at the same cost, ~lora's Rsum); the backbone itself stays frozen."""
+    """The image tower's deployed W_B reads pooled features of the last layers besides the last one (the
+    frontier's measured pick: within 5% of lora's Rsum at <= 1.02 x the bare FLOPs); the backbone stays frozen."""
     cfg = resolve_config(parse_args(["--dataset", dataset]))
     assert cfg.method.name == "mdpd"
     assert cfg.method.distill.head_layers == DEFAULT_HEAD_LAYERS
     assert cfg.method.distill.backbone_trainable == "head"
 
 
-DEFAULT_HEAD_LAYERS = "last_3"
+DEFAULT_HEAD_LAYERS = {"image": "last_3"}
+
+
+@pytest.mark.parametrize("layers", ["{text: last_3}", "last"])
+def test_a_per_tower_head_layers_replaces_the_default_never_merges_with_it(layers: str, tmp_path: Path) -> None:
+    """The default is {image: last_3}: `{text: last_3}` must mean the text tower alone, from the command
+    line and from a file that gives `distill` in part."""
+    want = {"text": "last_3"} if layers.startswith("{") else "last"
+    assert load_config(ITRConfig, None, [f"method.distill.head_layers={layers}"]).method.distill.head_layers == want
+    path = tmp_path / "partial.yaml"
+    path.write_text(f"method:\n  distill:\n    head_layers: {layers}\n")
+    assert load_config(ITRConfig, path).method.distill.head_layers == want
+    assert load_config(ITRConfig, ROOT / "configs/itr/research.yaml",
+                       [f"method.distill.head_layers={layers}"]).method.distill.head_layers == want

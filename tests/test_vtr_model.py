@@ -248,3 +248,18 @@ def test_only_plain_deployments_are_exportable() -> None:
         cfg = adapter if method == "adapter" else METHODS[method]
         video, text = build_vtr_model(build_tiny_vit(), build_tiny_bert(), cfg, VTRConfig()).deployed()
         assert is_plain(video.frame_encoder) == plain and is_plain(text) == plain, method
+
+
+def test_head_layers_per_tower_names_the_video_and_text_towers() -> None:
+    from mdpd_vl.heads.pooling import LayerPoolHead
+    from mdpd_vl.tasks.vtr_model import backbone_head
+
+    def method(head_layers: dict) -> MethodConfig:
+        return MethodConfig(name="mdpd", d=8, distill=DistillConfig(d=8, backbone_trainable="head",
+                                                                    head_layers=head_layers))
+
+    model = build_vtr_model(build_tiny_vit(), build_tiny_bert(), method({"video": "last_2"}), VTRConfig())
+    assert isinstance(backbone_head(model.video), LayerPoolHead)
+    assert not isinstance(backbone_head(model.text), LayerPoolHead)
+    with pytest.raises(UserError, match="head_layers.*image.*video, text"):
+        build_vtr_model(build_tiny_vit(), build_tiny_bert(), method({"image": "last_2"}), VTRConfig())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mdpd_vl.backbones.base import checkpoint_segments
@@ -127,11 +127,13 @@ class DistillConfig:
     lowrank_alpha: float = field(
         default=16.0, metadata={"help": "scale numerator of the low-rank deltas (scale = alpha / rank)."},
     )
-    head_layers: str | list[int] = field(
+    head_layers: str | list[int] | dict[str, str | list[int]] = field(
         default="last",
         metadata={"help": "what the deployed head W_B reads: 'last' (the paper: the last layer), 'last_<k>' (the "
                   "last layer + pooled features of the k - 1 layers before it), 'all' (+ every earlier layer) or "
-                  "a list of 0-based layer indices whose pooled features are added (the last layer is always read)."},
+                  "a list of 0-based layer indices whose pooled features are added (the last layer is always read); "
+                  "or one of these per tower of a two-tower task, e.g. {image: last, text: last_3} (a tower not "
+                  "named reads 'last')."},
     )
     feature_logits: float = field(
         default=0.0,
@@ -236,12 +238,10 @@ class DistillConfig:
                 or not self.lowrank_alpha > 0:
             raise bad("lowrank_alpha", f"must be a number > 0, got {self.lowrank_alpha!r}")
         hl = self.head_layers
-        named = isinstance(hl, str) and (hl in ("last", "all") or _last_k(hl) is not None)
-        listed = isinstance(hl, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in hl)
-        if not (named or listed):
-            raise bad("head_layers", f"must be 'last', 'last_<k>' (k >= 1), 'all' or a list of layer indices, got {hl!r}")
-        if listed and len(set(hl)) != len(hl):  # type: ignore[arg-type]
-            raise bad("head_layers", f"repeats a layer index: {hl!r}")
+        for tower, spec in (hl.items() if isinstance(hl, dict) else [(None, hl)]):
+            if isinstance(hl, dict) and not isinstance(tower, str):
+                raise bad("head_layers", f"per-tower keys are tower names, got {tower!r}")
+            _check_head_layers(spec, bad, tower)
         value = self.feature_logits
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise bad("feature_logits", f"loss weight must be a number >= 0, got {value!r}")
@@ -252,6 +252,9 @@ class DistillConfig:
     def head_layer_indices(self, num_layers: int) -> list[int]:
         """The 0-based layers whose pooled features W_B reads besides the last one (ascending)."""
         hl = self.head_layers
+        if isinstance(hl, dict):
+            raise UserError(f"head_layers per tower ({hl!r}) needs a task with named towers (itr, vtr); give "
+                            "this task one value", field="distill.head_layers")
         if hl == "last":
             return []
         if hl == "all":
@@ -268,6 +271,18 @@ class DistillConfig:
                             field="distill.head_layers")
         return sorted(i for i in hl if i != num_layers - 1)  # type: ignore[union-attr]
 
+    def for_tower(self, tower: str, towers: tuple[str, ...]) -> DistillConfig:
+        """This config as one tower of a task with `towers` sees it: a per-tower `head_layers` resolved
+        to the tower's value ('last' where the tower is not named); unchanged otherwise."""
+        hl = self.head_layers
+        if not isinstance(hl, dict):
+            return self
+        unknown = sorted(set(hl) - set(towers))
+        if unknown:
+            raise UserError(f"names no tower of this task: {', '.join(unknown)}; its towers: {', '.join(towers)}",
+                            field="distill.head_layers")
+        return replace(self, head_layers=hl.get(tower, "last"))
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str | None = None) -> DistillConfig:
         """Build from a plain dict (YAML); unknown keys are a UserError listing the valid ones."""
@@ -283,6 +298,18 @@ class DistillConfig:
             return cls(**values)
         except UserError as err:  # re-raise with the file named
             raise UserError(getattr(err, "detail", str(err)), where=where, field=err.field) from None
+
+
+def _check_head_layers(spec: Any, bad: Callable[[str, str], UserError], tower: str | None) -> None:
+    """One head_layers value (of one tower when `tower` is given) is a name or a list of distinct indices."""
+    where = f" (tower {tower!r})" if tower is not None else ""
+    named = isinstance(spec, str) and (spec in ("last", "all") or _last_k(spec) is not None)
+    listed = isinstance(spec, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
+    if not (named or listed):
+        raise bad("head_layers", f"must be 'last', 'last_<k>' (k >= 1), 'all' or a list of layer indices{where}, "
+                  f"got {spec!r}")
+    if listed and len(set(spec)) != len(spec):
+        raise bad("head_layers", f"repeats a layer index{where}: {spec!r}")
 
 
 def _last_k(text: str) -> int | None:

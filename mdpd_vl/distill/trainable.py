@@ -60,8 +60,10 @@ def backbone_groups(cfg: DistillConfig, backbone: Backbone) -> dict[str, list[nn
 
 
 def faded(cfg: DistillConfig, backbone: Backbone, head: nn.Module) -> FadedModel:
-    """The deployed backbone + W_B: with `lowrank`, a merged copy (the bare architecture, no tuner layer)."""
-    model = FadedModel(backbone, head)
+    """The deployed backbone + W_B: with `lowrank`, a merged copy (the bare architecture, no tuner layer).
+    A W_B that reads several layers serves in its folded form where that is cheaper (`LayerPoolHead.folded`)."""
+    folded = getattr(head, "folded", None)
+    model = FadedModel(backbone, folded() if callable(folded) else head)
     if cfg.backbone_trainable != "lowrank":
         return model
     from mdpd_vl.tuning.model import merged_copy

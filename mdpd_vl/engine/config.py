@@ -251,7 +251,7 @@ class _Builder:
                 if dataclasses.is_dataclass(default):
                     # a section given in part keeps the parent's defaults for the rest (the
                     # parent may set defaults that differ from the section class's own)
-                    value = _merge(_as_data(default), value)
+                    value = _overlay(default, value)
             if name not in fields:
                 valid = ", ".join(fields)
                 section = f" in {prefix[:-1]!r}" if prefix else ""
@@ -295,11 +295,14 @@ def _as_data(obj: Any) -> dict[str, Any]:
     }
 
 
-def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, recursing into mappings present in both."""
-    out = dict(base)
+def _overlay(default: Any, top: Mapping[str, Any]) -> dict[str, Any]:
+    """`top` over the dataclass instance `default` as data, recursing into its sub-sections only: a
+    field whose value is a mapping (`group_lr`, a per-tower `head_layers`) is replaced as a whole, as
+    any other value is, never merged key by key with the default's."""
+    out = _as_data(default)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        sub = getattr(default, k, None)
+        out[k] = _overlay(sub, v) if isinstance(v, Mapping) and dataclasses.is_dataclass(sub) else v
     return out
 
 

@@ -84,6 +84,12 @@ class VSEHead(nn.Module):
         """Recipe for `mdpd_vl.export`: rebuilds this head (weights travel separately)."""
         return {"target": "mdpd_vl.heads.gpo:VSEHead", "kwargs": dict(self._kwargs)}
 
+    def shift_map(self) -> Tensor | None:
+        """M with head(tokens + v) = head(tokens) + M v for a per-sample v added to every token: GPO sorts
+        each channel (a shift keeps the order) and its weights sum to 1 over the valid tokens. None with the
+        MLP branch (not affine)."""
+        return None if self.mlp is not None else self.fc.weight
+
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         x = self.fc(tokens)
         if self.mlp is not None:

@@ -80,8 +80,11 @@ def summarise(name: str, runs: Sequence[Mapping[str, Any]], command: str, note: 
     trains = distill.get("backbone_trainable", "-")
     if distill.get("checkpointing") not in (None, False, "none"):
         trains += f" +ckpt {'all' if distill['checkpointing'] is True else distill['checkpointing']}"
-    if distill.get("head_layers") not in (None, "last"):
-        trains += f", W_B reads {distill['head_layers']}"
+    hl = distill.get("head_layers")
+    if isinstance(hl, dict):
+        trains += ", W_B reads " + ", ".join(f"{spec} ({tower})" for tower, spec in hl.items())
+    elif hl not in (None, "last"):
+        trains += f", W_B reads {hl}"
     return {
         "name": name, "note": note, "command": command, "seeds": len(runs), "method": method,
         "backbone trains": trains if method == "mdpd" else "-",

@@ -312,8 +312,9 @@ def build_vtr_model(image_bb: Backbone, text_bb: Backbone, method: MethodConfig,
     sim, seq_report = _sim_head(cfg, width, text_bb)
     pools = {"video": cfg.image_pool if cfg.image_pool != "auto" else auto_pool(image_bb),
              "text": cfg.text_pool if cfg.text_pool != "auto" else auto_pool(text_bb)}
-    video = apply_method(image_bb, lambda w: ProjectionHead(w, width, pools["video"]), method)
-    text = apply_method(text_bb, lambda w: ProjectionHead(w, width, pools["text"]), method)
+    towers = ("video", "text")  # the names a per-tower `distill.head_layers` may use
+    video = apply_method(image_bb, lambda w: ProjectionHead(w, width, pools["video"]), method.for_tower("video", towers))
+    text = apply_method(text_bb, lambda w: ProjectionHead(w, width, pools["text"]), method.for_tower("text", towers))
     report: dict[str, Any] = {"embed_dim": width, "pools": pools, "seq_transf": seq_report, "projection": {}}
     for name, tuned in (("video", video), ("text", text)):
         head = backbone_head(tuned)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mdpd_vl.distill.config import DistillConfig
@@ -69,6 +69,11 @@ class MethodConfig:
             raise UserError(f"must be a mapping of peft config keys, got {self.peft!r}", field="peft")
         if isinstance(self.distill, dict):
             self.distill = DistillConfig.from_dict(self.distill)
+
+    def for_tower(self, tower: str, towers: tuple[str, ...]) -> MethodConfig:
+        """The config one tower of a task with `towers` is built with (`distill.for_tower`)."""
+        distill = self.distill.for_tower(tower, towers)
+        return self if distill is self.distill else replace(self, distill=distill)
 
     def side_config(self) -> dict[str, Any]:
         """The side-network config dict: `side` plus r and d (explicit `side` keys win)."""

@@ -116,9 +116,15 @@ def describe_objective(method_cfg: MethodConfig, extra: Any = None) -> str:
                                           "alternate (even optimiser steps train the side path, odd steps the "
                                           "backbone path)."))
     hl = d.head_layers
-    which = (f"the {int(hl[5:]) - 1} layer(s) before it" if isinstance(hl, str) and hl.startswith("last_") else
-             "every earlier layer" if hl == "all" else f"layers {hl}")
-    reads = ("W_B reads the last layer" if hl == "last" else
-             f"W_B reads the last layer plus the pooled features of {which} (head_layers: {hl})")
+    reads = ("; ".join(f"{tower} tower: {_reads(spec)}" for tower, spec in hl.items())
+             + "; other towers: W_B reads the last layer" if isinstance(hl, dict) else _reads(hl))
     parts.append(mode + f" Served faded: the backbone + W_B only; {reads}.")
     return " ".join(parts)
+
+
+def _reads(hl: str | list[int]) -> str:
+    """What W_B reads under one `head_layers` value, in words."""
+    which = (f"the {int(hl[5:]) - 1} layer(s) before it" if isinstance(hl, str) and hl.startswith("last_") else
+             "every earlier layer" if hl == "all" else f"layers {hl}")
+    return ("W_B reads the last layer" if hl == "last" else
+            f"W_B reads the last layer plus the pooled features of {which} (head_layers: {hl})")
