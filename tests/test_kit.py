@@ -162,6 +162,15 @@ def _tiny_retriever():
     return ImageTextRetriever(image, text, pre).eval()
 
 
+def test_print_config_dash_is_standard_output(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ran: list[tuple[str, Path | None]] = []
+    assert _toy_cli(["--method", "lora", "--print-config", "-"], ran) == 0
+    assert "name: lora" in capsys.readouterr().out
+    assert ran == [] and list(tmp_path.iterdir()) == []  # no file named "-", nothing trained
+
+
 def test_a_task_export_reloads_as_the_deployed_model_with_its_preprocessing(tmp_path: Path) -> None:
     retr = _tiny_retriever()
     images = [Image.new("RGB", (70, 50), (40 * i, 90, 200 - 30 * i)) for i in range(5)]

@@ -532,7 +532,8 @@ def add_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
     parser.add_argument("--method", help=methods)
     parser.add_argument("--output-dir")
     parser.add_argument("--compare", help="comma-separated methods run on identical data and seeds")
-    parser.add_argument("--print-config", metavar="FILE", help="write the resolved config as YAML to FILE and exit")
+    parser.add_argument("--print-config", metavar="FILE",
+                        help="write the resolved config as YAML to FILE ('-': standard output) and exit")
     add_config_arguments(parser)  # --config FILE, --set a.b=c
 
 
@@ -564,6 +565,9 @@ def main(args: argparse.Namespace, cfg: Any, run: Callable[[Any, str, Path | Non
     command = common.command_line(argv, module)
     keep_freed_memory()  # a CLI process: CPU training steps stop page-faulting their activations
     try:
+        if args.print_config == "-":  # the usual spelling of standard output, not a file named "-"
+            on_main(lambda: print(config_to_yaml(cfg, f"python -m {module} --config FILE"), end=""))
+            return 0
         if args.print_config:
             check_paths(out_files={"--print-config": args.print_config})
             on_main(atomic_write_text, args.print_config,
