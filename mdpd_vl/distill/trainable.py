@@ -61,7 +61,8 @@ def backbone_groups(cfg: DistillConfig, backbone: Backbone) -> dict[str, list[nn
 
 def faded(cfg: DistillConfig, backbone: Backbone, head: nn.Module) -> FadedModel:
     """The deployed backbone + W_B: with `lowrank`, a merged copy (the bare architecture, no tuner layer).
-    A W_B that reads several layers serves in its folded form where that is cheaper (`LayerPoolHead.folded`)."""
+    A W_B that reads several layers serves in its folded form where that is cheaper (`LayerPoolHead.folded`):
+    its folded map is a copy taken now, so fade again after training further."""
     folded = getattr(head, "folded", None)
     model = FadedModel(backbone, folded() if callable(folded) else head)
     if cfg.backbone_trainable != "lowrank":
