@@ -226,12 +226,37 @@ def test_report_on_synthetic_results(tmp_path: Path) -> None:
     assert "**missed**; best within the memory and latency bounds: `mdpd_lowrank_ckpt`" in text
     bare, anyhow = ("Best deployed Rsum at any memory below `lora`'s, deployed at the bare backbones' cost: ",
                     "Best deployed Rsum at any memory below `lora`'s, at any inference cost: ")
-    assert bare + "`mdpd_norms_all`" in text and anyhow + "`mdpd_norms_all`" in text  # norms_all wins both
+    # lowrank_ckpt ties norms_all at 400.0 and needs less memory (0.35 vs 0.9 GiB): it wins both lines
+    assert bare + "`mdpd_lowrank_ckpt`" in text and anyhow + "`mdpd_lowrank_ckpt`" in text
     # unipt keeps its side network (1.667 x bare): it can win the second line only
     for seed in (0, 1, 2):
         fake_results(fr, "research", "unipt", seed, rsum=900.0, peak_gib=0.2, qps=60.0)
     text = fading.write_report(fr).read_text()
-    assert bare + "`mdpd_norms_all`" in text and anyhow + "`unipt`" in text and "latency 1.667 x bare" in text
+    assert bare + "`mdpd_lowrank_ckpt`" in text and anyhow + "`unipt`" in text and "latency 1.667 x bare" in text
+
+
+def test_target_ties_go_to_the_lower_peak() -> None:
+    """A checkpointed row repeats its row's Rsum to the decimal: the lines name the one that needs less memory."""
+    def row(name: str, rsum: float, peak: float) -> dict:
+        return {"name": name, "method": "mdpd" if name != "lora" else "lora", "rsum": (rsum, 0.0),
+                "peak_gib": (peak, 0.0), "latency": (1.0, 0.0), "flops": (1.01, 0.0)}
+
+    ref = row("lora", 100.0, 1.0)
+    rows = [ref, row("plain", 120.0, 0.9), row("ckpt", 120.0, 0.35), row("ckpt_all", 120.0, 0.36)]
+    lines = rep.target(rows, ref)
+    assert "**met** by `ckpt`, `ckpt_all`; best `ckpt` " in lines[0]
+    assert all("`ckpt`, 120.0" in line for line in lines[1:]) and len(lines) == 3
+
+
+def test_chart_names_the_bare_cost_front() -> None:
+    """The chart labels the MDPD rows that beat every cheaper bare-cost MDPD row, never a row over the cost bound."""
+    def row(name: str, rsum: float, peak: float, flops: float = 1.01) -> dict:
+        return {"name": name, "method": "mdpd", "rsum": (rsum, 1.0), "peak_gib": (peak, 0.0),
+                "latency": (1.0, 0.0), "flops": (flops, 0.0)}
+
+    rows = [row("cheap", 100.0, 0.2), row("beaten", 90.0, 0.3), row("better", 150.0, 0.4),
+            row("costly", 300.0, 0.3, flops=1.05), row("tie_more_memory", 150.0, 0.5)]
+    assert rep.frontier_names(rows) == {"cheap", "better"}
 
 
 def test_report_without_runs_lists_every_command(tmp_path: Path) -> None:

@@ -133,6 +133,11 @@ def table(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None
     return markdown_table(lines)
 
 
+def _best(pool: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The highest mean deployed Rsum; on a tie (a checkpointed row repeats its row's numbers), the lower peak."""
+    return max(pool, key=lambda r: (r["rsum"][0], -r["peak_gib"][0]))
+
+
 def target(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None) -> list[str]:
     """The issue-16 target against the reference row, in words (met, or the best measured values)."""
     if reference is None or reference["rsum"] is None or reference["peak_gib"] is None:
@@ -144,13 +149,13 @@ def target(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | Non
     head = (f"Target (MDPD, deployed cost <= {LATENCY_BOUND} x bare, peak memory <= {MEMORY_SHARE} x "
             f"`{reference['name']}`'s {ref_mem:.3f} GiB, deployed Rsum >= {ACCURACY_SHARE} x its {ref_rsum:.1f}): ")
     if ok:
-        best = max(ok, key=lambda r: r["rsum"][0])
+        best = _best(ok)
         names = ", ".join(f"`{r['name']}`" for r in ok)
         out = [head + f"**met** by {names}; best `{best['name']}` "
                f"(Rsum {_pm(best['rsum'])}, {best['peak_gib'][0] / ref_mem:.2f} x the memory)."]
     else:
         cheap = [r for r in done if bare_cost(r) and r["peak_gib"][0] <= MEMORY_SHARE * ref_mem]
-        best = max(cheap, key=lambda r: r["rsum"][0]) if cheap else None
+        best = _best(cheap) if cheap else None
         out = [head + "**missed**" + (f"; best within the memory and latency bounds: `{best['name']}`, Rsum "
                                       f"{_pm(best['rsum'])} = {best['rsum'][0] / ref_rsum:.3f} x the reference."
                                       if best else "; no MDPD row within the memory and latency bounds.")]
@@ -159,7 +164,7 @@ def target(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | Non
     for kind, pool in (("deployed at the bare backbones' cost", [r for r in below if bare_cost(r)]),
                        ("at any inference cost", below)):
         if pool:
-            best = max(pool, key=lambda r: r["rsum"][0])
+            best = _best(pool)
             lat = f", latency {best['latency'][0]:.3f} x bare" if best["latency"] else ""
             lat += f", FLOPs {best['flops'][0]:.4f} x bare" if best.get("flops") else ""
             out.append(f"Best deployed Rsum at any memory below `{reference['name']}`'s, {kind}: `{best['name']}`, "
@@ -189,6 +194,18 @@ def ranking(names: Sequence[str], research: Mapping[str, Any], full: Mapping[str
             f"Kendall tau = {tau:.3f}; {verdict} (research: {' > '.join(order_r)}; full: {' > '.join(order_f)})."]
 
 
+def frontier_names(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The bare-cost MDPD rows that no bare-cost MDPD row with at most their peak memory beats on Rsum."""
+    pool = sorted((r for r in rows if r["method"] == "mdpd" and r["rsum"] and r["peak_gib"] and bare_cost(r)),
+                  key=lambda r: (r["peak_gib"][0], -r["rsum"][0]))
+    out, best = set(), float("-inf")
+    for r in pool:  # by rising memory: a row is on the front when it beats every cheaper one
+        if r["rsum"][0] > best:
+            out.add(r["name"])
+            best = r["rsum"][0]
+    return out
+
+
 def chart(path: str | Path, rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> None:
     """Deployed Rsum (mean, bar = spread) against peak training memory (log); marker area grows with the
     step time; filled = deployed cost <= 1.02 x bare (`bare_cost`), hollow otherwise; MDPD red, baselines blue."""
@@ -198,27 +215,32 @@ def chart(path: str | Path, rows: Sequence[Mapping[str, Any]], reference: Mappin
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r["rsum"] and r["peak_gib"]]
+    named = {r["name"] for r in done if r["method"] != "mdpd"} | frontier_names(done)
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
     longest = max((r["step_s"][0] for r in done if r["step_s"]), default=1.0) or 1.0
     for r in done:
         x, (y, spread) = r["peak_gib"][0], r["rsum"]
         colour = "tab:red" if r["method"] == "mdpd" else "tab:blue"
+        alpha = 1.0 if r["name"] in named else 0.3  # the rest: in the table, drawn faint and unlabelled
         size = 30 + 370 * ((r["step_s"][0] if r["step_s"] else 0.0) / longest)
-        ax.errorbar(x, y, yerr=spread, fmt="none", ecolor=colour, alpha=0.5, capsize=2)
-        ax.scatter(x, y, s=size, edgecolors=colour, facecolors=colour if bare_cost(r) else "none", linewidths=1.4)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.errorbar(x, y, yerr=spread, fmt="none", ecolor=colour, alpha=0.5 * alpha, capsize=2)
+        ax.scatter(x, y, s=size, edgecolors=colour, facecolors=colour if bare_cost(r) else "none", linewidths=1.4,
+                   alpha=alpha)
+        if r["name"] in named:
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     if reference and reference["rsum"] and reference["peak_gib"]:
         ax.axvline(MEMORY_SHARE * reference["peak_gib"][0], color="gray", ls="--", lw=0.8,
                    label=f"{MEMORY_SHARE} x {reference['name']}'s memory")
         ax.axhline(ACCURACY_SHARE * reference["rsum"][0], color="gray", ls=":", lw=0.8,
                    label=f"{ACCURACY_SHARE} x {reference['name']}'s Rsum")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     if done:
         ax.set_xscale("log")
     ax.set_xlabel("peak training memory of one step (GiB, log)")
     ax.set_ylabel("deployed Rsum (mean over seeds)")
     ax.set_title("Fading frontier: filled = deployed cost <= 1.02 x bare (FLOPs where counted, else latency); "
-                 "area = step time", fontsize=9)
+                 "area = step time\nnamed: the baselines and the bare-cost MDPD rows no cheaper row beats; "
+                 "faint: the table's other rows", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
