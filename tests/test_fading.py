@@ -235,14 +235,16 @@ def test_report_on_synthetic_results(tmp_path: Path) -> None:
     assert bare + "`mdpd_lowrank_ckpt`" in text and anyhow + "`unipt`" in text and "latency 1.667 x bare" in text
 
 
+def _row(name: str, rsum: float, peak: float, flops: float = 1.01) -> dict:
+    """One row as `rep.summarise` gives it, with the fields the target and the chart read."""
+    return {"name": name, "method": "lora" if name == "lora" else "mdpd", "rsum": (rsum, 0.0),
+            "peak_gib": (peak, 0.0), "latency": (1.0, 0.0), "flops": (flops, 0.0)}
+
+
 def test_target_ties_go_to_the_lower_peak() -> None:
     """A checkpointed row repeats its row's Rsum to the decimal: the lines name the one that needs less memory."""
-    def row(name: str, rsum: float, peak: float) -> dict:
-        return {"name": name, "method": "mdpd" if name != "lora" else "lora", "rsum": (rsum, 0.0),
-                "peak_gib": (peak, 0.0), "latency": (1.0, 0.0), "flops": (1.01, 0.0)}
-
-    ref = row("lora", 100.0, 1.0)
-    rows = [ref, row("plain", 120.0, 0.9), row("ckpt", 120.0, 0.35), row("ckpt_all", 120.0, 0.36)]
+    ref = _row("lora", 100.0, 1.0)
+    rows = [ref, _row("plain", 120.0, 0.9), _row("ckpt", 120.0, 0.35), _row("ckpt_all", 120.0, 0.36)]
     lines = rep.target(rows, ref)
     assert "**met** by `ckpt`, `ckpt_all`; best `ckpt` " in lines[0]
     assert all("`ckpt`, 120.0" in line for line in lines[1:]) and len(lines) == 3
@@ -250,12 +252,8 @@ def test_target_ties_go_to_the_lower_peak() -> None:
 
 def test_chart_names_the_bare_cost_front() -> None:
     """The chart labels the MDPD rows that beat every cheaper bare-cost MDPD row, never a row over the cost bound."""
-    def row(name: str, rsum: float, peak: float, flops: float = 1.01) -> dict:
-        return {"name": name, "method": "mdpd", "rsum": (rsum, 1.0), "peak_gib": (peak, 0.0),
-                "latency": (1.0, 0.0), "flops": (flops, 0.0)}
-
-    rows = [row("cheap", 100.0, 0.2), row("beaten", 90.0, 0.3), row("better", 150.0, 0.4),
-            row("costly", 300.0, 0.3, flops=1.05), row("tie_more_memory", 150.0, 0.5)]
+    rows = [_row("cheap", 100.0, 0.2), _row("beaten", 90.0, 0.3), _row("better", 150.0, 0.4),
+            _row("costly", 300.0, 0.3, flops=1.05), _row("tie_more_memory", 150.0, 0.5)]
     assert rep.frontier_names(rows) == {"cheap", "better"}
 
 

@@ -208,7 +208,8 @@ def frontier_names(rows: Sequence[Mapping[str, Any]]) -> set[str]:
 
 def chart(path: str | Path, rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None = None) -> None:
     """Deployed Rsum (mean, bar = spread) against peak training memory (log); marker area grows with the
-    step time; filled = deployed cost <= 1.02 x bare (`bare_cost`), hollow otherwise; MDPD red, baselines blue."""
+    step time; filled = deployed cost <= 1.02 x bare (`bare_cost`), hollow otherwise; MDPD red, baselines blue;
+    named: the baselines and `frontier_names`, the other rows faint (all of them are in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
